@@ -1,0 +1,127 @@
+"""The ``fvdm`` command. Each subcommand is a parser plus one small function that dispatches into the package."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from fvdm.config import ConfigError
+
+
+def _add_counts(p: argparse.ArgumentParser) -> None:
+    from fvdm.data.sampling import SampleCounts
+
+    for f in fields(SampleCounts):
+        if f.type in ("int", "float", int, float):
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=int if "int" in str(f.type) else float, default=None,
+                           help=f"samples per shape: {f.name} (default {f.default})")
+
+
+def _counts(args: argparse.Namespace):
+    from fvdm.data.sampling import SampleCounts
+
+    given = {f.name: getattr(args, f.name) for f in fields(SampleCounts) if getattr(args, f.name, None) is not None}
+    return SampleCounts(**given)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from fvdm.data.synth import run_synth
+
+    run_synth(args.out, num=args.num, seed=args.seed, val_fraction=args.val_fraction, counts=_counts(args),
+              workers=args.workers, shard_size=args.shard_size)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from fvdm.data.prepare import run_prepare
+
+    report = run_prepare(args.meshes, args.out, counts=_counts(args), workers=args.workers,
+                         shard_size=args.shard_size, watertight=args.watertight, seed=args.seed)
+    return 0 if report.succeeded > 0 else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fvdm.data.inspect import inspect_shards
+
+    stats = inspect_shards(args.shards)
+    print(stats.table())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fvdm.train import train
+
+    train(args.config, resume=args.resume)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    bench = importlib.import_module(f"fvdm.bench.{args.what}")
+    bench.main(args.rest)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from fvdm.quickstart import quickstart
+
+    quickstart(args.root)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fvdm", description="FlashVDM training framework")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate the embedded procedural shape set as shards")
+    p.add_argument("--num", type=int, required=True, help="number of shapes (train + val)")
+    p.add_argument("--out", required=True, help="output directory (train/ and val/ shards inside)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard")
+    _add_counts(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="turn raw meshes (OBJ/PLY/STL/OFF/GLB) into shards")
+    p.add_argument("--meshes", required=True, nargs="+", help="files, directories or globs")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--watertight", action="store_true", help="sample the training surface from a watertight remesh")
+    p.add_argument("--seed", type=int, default=0)
+    _add_counts(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("inspect", help="shard statistics: samples, points, SDF ranges, failures")
+    p.add_argument("shards", help="shard path, brace pattern or directory")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a stage: fvdm train CONFIG [CONFIG ...] [key=value ...]")
+    p.add_argument("config", nargs="+", help="YAML files merged in order, then key=value overrides")
+    p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench", help="benchmarks writing to benchmarks/results.json")
+    p.add_argument("what", choices=["data"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("quickstart", help="the main job on the embedded default data set")
+    p.add_argument("--root", default="quickstart")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"fvdm: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
