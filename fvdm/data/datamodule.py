@@ -1,0 +1,317 @@
+"""Streaming WebDataset shards into training and validation batches (``ShapeDataModule``).
+
+Train: an infinite, resampled stream for step-based training. Every (rank, worker) draws shards with
+replacement from its own RNG, seeded from ``(cfg.seed, rank, worker, step_offset, pass)``, so the streams
+differ between ranks and workers and a resumed run (``step_offset`` = global step at resume, restored from
+the checkpoint through :meth:`ShapeDataModule.load_state_dict`) does not replay the samples of the first
+run. The exact sample-level position of the stream is not restored: webdataset keeps no state.
+
+Validation: deterministic and exactly once across ranks and workers, for any number of shards (see
+:func:`split_samples`). Point subsampling there is seeded by the sample key, so metrics are reproducible.
+
+A corrupt shard or a malformed sample is skipped and counted per worker (:class:`DataHealth`); every batch
+carries its worker's running counts (``n_bad``, ``n_seen``) so a stage can log the bad fraction, and more
+bad samples than ``cfg.max_bad_fraction`` stop the run with :class:`BadDataError`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from fvdm.config import DataConfig
+from fvdm.data.shards import MalformedSample, ShapeSample, decode_sample
+
+MIN_SEEN = 20  # samples a worker must have seen before the bad fraction can stop the run
+MAX_REASONS = 5  # failure reasons kept per worker for the error message
+
+
+class BadDataError(RuntimeError):
+    """More corrupt shards or malformed samples than ``data.max_bad_fraction`` allows."""
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialized, else RANK/WORLD_SIZE, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def worker_info() -> tuple[int, int]:
+    """(worker id, number of workers) of the current DataLoader worker; (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def expand_shards(spec: str, what: str = "shards", recursive: bool = False) -> list[str]:
+    """Shard URLs from a path, directory (its ``*.tar``), brace pattern, ``::``-joined list or ``pipe:`` URL.
+
+    Local files must exist (a clear error names the missing one); ``pipe:`` and ``scheme://`` URLs are
+    passed through to webdataset untouched.
+    """
+    urls: list[str] = []
+    for url in wds.shardlists.expand_urls(spec):
+        if url.startswith("pipe:") or "://" in url:
+            urls.append(url)
+            continue
+        path = Path(url)
+        if path.is_dir():
+            found = sorted(path.rglob("*.tar") if recursive else path.glob("*.tar"))
+            if not found:
+                raise FileNotFoundError(f"{what}: directory {path} holds no .tar shards")
+            urls.extend(str(p) for p in found)
+        elif path.is_file():
+            urls.append(url)
+        else:
+            raise FileNotFoundError(f"{what}: shard {url} not found")
+    if not urls:
+        raise FileNotFoundError(f"{what}: '{spec}' names no shards")
+    return urls
+
+
+def split_samples(
+    src: Iterable[dict], rank: int, world: int, worker: int, num_workers: int, limit: Optional[int] = None
+) -> Iterator[dict]:
+    """Keep the raw samples of one (rank, worker) slot: those at stream position j = slot (mod slots).
+
+    Every slot reads all validation shards in the same order and keeps every ``world * num_workers``-th
+    sample, starting at its own ``rank * num_workers + worker``. The slots partition the positions, so each
+    sample is seen exactly once for any number of shards (1 shard or fewer shards than ranks included),
+    no rank is left without data while there are at least as many samples as slots, and slot sizes differ
+    by at most one. The price is that every slot reads (but decodes only its share of) every validation
+    shard; validation sets are small. Positions at or beyond ``limit`` are dropped (``val_max_samples``).
+    """
+    slot, slots = rank * num_workers + worker, world * num_workers
+    for j, sample in enumerate(src):
+        if limit is not None and j >= limit:
+            return
+        if j % slots == slot:
+            yield sample
+
+
+def resampled_shards(urls: list[str], rng: np.random.Generator) -> Iterator[dict]:
+    """An infinite stream of ``{"url": ...}`` drawn uniformly with replacement (the training shard order)."""
+    while True:
+        yield {"url": urls[int(rng.integers(len(urls)))]}
+
+
+def stream_failure(exn: Exception, urls: Iterable[str]) -> Optional[tuple[str, str]]:
+    """(shard URL, reason) when ``exn`` is a webdataset stream-level failure of one of ``urls``, else None.
+
+    webdataset appends the shard URL to the args of errors that end a shard (open, read on); member-level
+    errors do not carry it and either end the stream next (then reported here) or leave a sample with a
+    missing field (then reported when it is decoded).
+    """
+    url = next((a for a in reversed(exn.args) if isinstance(a, str) and a in urls), None)
+    if url is None:
+        return None
+    message = next((a for a in exn.args if isinstance(a, str) and a != url), "")
+    return url, f"{type(exn).__name__}: {message}".rstrip(": ")
+
+
+@dataclass
+class DataHealth:
+    """Running good/bad sample counts of one worker, with the shards and reasons of its failures."""
+
+    max_bad_fraction: float
+    where: str  # e.g. "data.train rank 0 worker 1", for the error message
+    good: int = 0
+    bad: int = 0
+    shards: Counter = field(default_factory=Counter)  # url -> failures
+    reasons: list[str] = field(default_factory=list)  # the first MAX_REASONS failures
+
+    @property
+    def seen(self) -> int:
+        return self.good + self.bad
+
+    def add_bad(self, url: str, reason: str) -> None:
+        """Count one skipped sample (or lost shard remainder); raise once the fraction is too high."""
+        self.bad += 1
+        self.shards[url] += 1
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(f"{url}: {reason}")
+        self.check()
+
+    def check(self) -> None:
+        if self.seen >= MIN_SEEN and self.bad / self.seen > self.max_bad_fraction:
+            shards = ", ".join(f"{u} ({n})" for u, n in self.shards.most_common(5))
+            raise BadDataError(
+                f"{self.where}: {self.bad} of {self.seen} samples bad ({self.bad / self.seen:.1%}), above "
+                f"data.max_bad_fraction={self.max_bad_fraction}; bad shards: {shards}; first reasons: "
+                + " | ".join(self.reasons)
+            )
+
+
+def keep_one_render(raw: dict, rng: Optional[np.random.Generator]) -> dict:
+    """Drop all renders but one (a random one with ``rng``, else render 0) so that only it is decoded."""
+    names = sorted(k for k in raw if k.startswith("render_") and k.endswith(".png"))
+    if not names:
+        return raw
+    chosen = names[int(rng.integers(len(names)))] if rng is not None else names[0]
+    return {k: v for k, v in raw.items() if k not in names or k == chosen}
+
+
+def take(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` rows of ``points``, without replacement when there are enough, with replacement otherwise."""
+    return points[rng.choice(len(points), n, replace=len(points) < n)]
+
+
+def subsample(s: ShapeSample, cfg: DataConfig, rng: np.random.Generator) -> dict[str, Any]:
+    """A decoded shape -> one training example with the configured point counts (numpy, uint8 image)."""
+    flag0 = np.zeros((cfg.num_surface, 1), np.float32)
+    parts = [np.concatenate([take(s.surface, cfg.num_surface, rng), flag0], axis=1)]  # [Ns, 7]
+    if cfg.num_sharp:
+        sharp = s.sharp if len(s.sharp) else s.surface  # no sharp edges: more uniform surface, flag 0
+        flag = np.full((cfg.num_sharp, 1), 1.0 if len(s.sharp) else 0.0, np.float32)
+        parts.append(np.concatenate([take(sharp, cfg.num_sharp, rng), flag], axis=1))  # [Ne, 7]
+    example: dict[str, Any] = {
+        "key": s.key,
+        "surface": np.concatenate(parts),  # [Ns + Ne, 7] xyz, normal, sharp flag
+        "vol": take(s.vol, cfg.num_vol, rng),
+        "near": take(s.near, cfg.num_near, rng),
+    }
+    if s.renders:
+        example["image"] = s.renders[0]  # [H, W, 3] uint8, the one render kept by keep_one_render
+    return example
+
+
+def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Examples -> a batch: float32 tensors stacked on dim 0, ``image`` as [B, 3, H, W] in [0, 1]."""
+    batch: dict[str, Any] = {"key": [e["key"] for e in examples]}
+    for name in ("surface", "vol", "near"):
+        batch[name] = torch.from_numpy(np.stack([e[name] for e in examples]))
+    if all("image" in e for e in examples):
+        shapes = {e["image"].shape for e in examples}
+        if len(shapes) > 1:
+            raise ValueError(f"renders of different sizes {sorted(shapes)} in one batch {batch['key']}: "
+                             "a shard set must use one render size")
+        images = torch.from_numpy(np.stack([e["image"] for e in examples]))  # [B, H, W, 3] uint8
+        batch["image"] = images.permute(0, 3, 1, 2).float().div_(255.0)  # [B, 3, H, W]
+    return batch
+
+
+class ShapeStream(IterableDataset):
+    """Batches from shards for one rank; each DataLoader worker builds its own webdataset pipeline.
+
+    ``rank``/``world`` are explicit so that several ranks can be simulated without a process group.
+    A worker's :class:`DataHealth` lives in its copy of this dataset (running counts across passes).
+    """
+
+    def __init__(self, urls: list[str], cfg: DataConfig, train: bool, rank: int = 0, world: int = 1,
+                 step_offset: int = 0):
+        super().__init__()
+        self.urls, self.cfg, self.train = urls, cfg, train
+        self.rank, self.world, self.step_offset = rank, world, step_offset
+        self.shard_index = {u: i for i, u in enumerate(urls)}
+        self.passes = 0
+        self.health: Optional[DataHealth] = None
+
+    def _on_tar_error(self, exn: Exception) -> bool:
+        """webdataset handler: count a shard that cannot be opened or read on (see :func:`stream_failure`).
+
+        In validation every slot reads every shard, so a failure is counted by one slot only (the shard's
+        index modulo the slots) and thus once over all ranks and workers.
+        """
+        failure = stream_failure(exn, self.shard_index)
+        if failure is None:
+            return True
+        url, reason = failure
+        worker, num_workers = worker_info()
+        if self.train or self.shard_index[url] % (self.world * num_workers) == self.rank * num_workers + worker:
+            assert self.health is not None
+            self.health.add_bad(url, reason)
+        return True
+
+    def _examples(self, raws: Iterable[dict], rng: Optional[np.random.Generator]) -> Iterator[dict]:
+        """Decode and subsample raw samples; malformed ones are counted and skipped."""
+        assert self.health is not None
+        for raw in raws:
+            url = raw.get("__url__", "?")
+            try:
+                key_rng = rng if rng is not None else np.random.default_rng(
+                    [self.cfg.seed, zlib.crc32(str(raw.get("__key__")).encode())])
+                sample = decode_sample(keep_one_render(raw, rng))
+                example = subsample(sample, self.cfg, key_rng)
+            except MalformedSample as e:
+                self.health.add_bad(url, str(e))
+                continue
+            self.health.good += 1
+            yield example
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = worker_info()
+        if self.health is None:
+            where = f"data.{'train' if self.train else 'val'} rank {self.rank} worker {worker}"
+            self.health = DataHealth(self.cfg.max_bad_fraction, where)
+        read = wds.tarfile_to_samples(handler=self._on_tar_error)
+        if self.train:
+            rng = np.random.default_rng([self.cfg.seed, self.rank, worker, self.step_offset, self.passes])
+            self.passes += 1
+            examples = self._examples(read(resampled_shards(self.urls, rng)), rng)
+            shuffle_rng = random.Random(int(rng.integers(2**63)))
+            examples = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=shuffle_rng)(examples)
+            batch_size = self.cfg.batch_size
+        else:
+            raws = split_samples(read(iter({"url": u} for u in self.urls)), self.rank, self.world, worker,
+                                 num_workers, self.cfg.val_max_samples)
+            examples = self._examples(raws, None)
+            batch_size = self.cfg.val_batch_size
+        for batch in wds.batched(batch_size, collation_fn=collate, partial=True)(examples):
+            batch["n_bad"] = torch.tensor(self.health.bad)
+            batch["n_seen"] = torch.tensor(self.health.seen)
+            yield batch
+
+
+class ShapeDataModule(L.LightningDataModule):
+    """Train and validation DataLoaders over shards; its state (the step offset) rides in checkpoints.
+
+    Resuming restores the stage's global step, model and optimizer from the Lightning checkpoint; this
+    module restores only ``step_offset`` (the global step when the checkpoint was written), which re-seeds
+    the resampled train stream so that the resumed run draws new samples instead of replaying the first
+    ones. The exact sample position inside shards and shuffle buffers is not restored.
+    """
+
+    def __init__(self, cfg: DataConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.step_offset = 0
+
+    def train_dataset(self, rank: Optional[int] = None, world: Optional[int] = None) -> ShapeStream:
+        r, w = world_info()
+        urls = expand_shards(self.cfg.train, "data.train")
+        return ShapeStream(urls, self.cfg, True, r if rank is None else rank, w if world is None else world,
+                           self.step_offset)
+
+    def val_dataset(self, rank: Optional[int] = None, world: Optional[int] = None) -> ShapeStream:
+        r, w = world_info()
+        urls = expand_shards(self.cfg.val, "data.val")
+        return ShapeStream(urls, self.cfg, False, r if rank is None else rank, w if world is None else world)
+
+    def _loader(self, dataset: ShapeStream) -> DataLoader:
+        n = self.cfg.num_workers
+        return DataLoader(dataset, batch_size=None, num_workers=n, persistent_workers=n > 0,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The global step now (or the restored offset when not attached to a trainer)."""
+        trainer = self.trainer
+        return {"step_offset": int(trainer.global_step) if trainer is not None else self.step_offset}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step_offset = int(state_dict["step_offset"])
