@@ -36,7 +36,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from fvdm.data.prepare import run_prepare
 
     report = run_prepare(args.meshes, args.out, counts=_counts(args), workers=args.workers,
-                         shard_size=args.shard_size, watertight=args.watertight, seed=args.seed)
+                         shard_size=args.shard_size, watertight=args.watertight, seed=args.seed,
+                         max_faces=args.max_faces)
     return 0 if report.succeeded > 0 else 1
 
 
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--watertight", action="store_true", help="sample the training surface from a watertight remesh")
+    p.add_argument("--max-faces", type=int, default=2_000_000, help="skip (and report) larger meshes")
     p.add_argument("--seed", type=int, default=0)
     _add_counts(p)
     p.set_defaults(func=cmd_prepare)
