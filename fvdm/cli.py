@@ -6,6 +6,7 @@ import sys
 from dataclasses import fields
 
 from fvdm.config import ConfigError
+from fvdm.interop.hunyuan3d import InteropError
 
 
 def _add_counts(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fvdm.train import train
 
     train(args.config, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fvdm.evaluate import eval_checkpoint
+
+    eval_checkpoint(args.checkpoint, args.data, out_dir=args.out, device=args.device, batch_size=args.batch_size,
+                    num_surface=args.num_surface, num_points=args.num_points, resolution=args.resolution,
+                    num_mesh_shapes=args.num_mesh_shapes, max_batches=args.max_batches)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from fvdm.interop.hunyuan3d import HY2_TARGET, HY21_TARGET, export_vae
+    from fvdm.stages.checkpoints import load_pretrained_vae, save_vae_checkpoint
+
+    vae = load_pretrained_vae(args.src)
+    if args.to == "fvdm":
+        print(f"wrote {save_vae_checkpoint(vae, args.dst)}")
+    else:
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        target = {"hy2": HY2_TARGET, "hy21": HY21_TARGET}[args.target]
+        print(f"wrote {export_vae(vae, args.dst, dtype=dtype, target=target)}")
     return 0
 
 
@@ -105,6 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("eval", help="reconstruction metrics of a VAE checkpoint on shards")
+    p.add_argument("checkpoint", help="stage checkpoint (.ckpt) or Hunyuan3D-2 VAE folder")
+    p.add_argument("--data", required=True, help="shards: path, directory or brace pattern")
+    p.add_argument("--out", default=None, help="directory for meshes, preview and metrics.json")
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-surface", type=int, default=4096, help="encoder input points per shape")
+    p.add_argument("--num-points", type=int, default=8192, help="volume and near-surface points per shape")
+    p.add_argument("--resolution", type=int, default=128, help="marching-cubes resolution")
+    p.add_argument("--num-mesh-shapes", type=int, default=4, help="shapes decoded to meshes")
+    p.add_argument("--max-batches", type=int, default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("convert", help="VAE checkpoints between fvdm and the released Hunyuan3D-2 layout")
+    p.add_argument("src", help="fvdm checkpoint (.ckpt) or Hunyuan3D-2 VAE folder")
+    p.add_argument("dst", help="output: a folder (--to hunyuan3d) or a .ckpt file (--to fvdm)")
+    p.add_argument("--to", choices=["hunyuan3d", "fvdm"], required=True)
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="weights dtype for hunyuan3d")
+    p.add_argument("--target", choices=["hy2", "hy21"], default="hy2", help="config target class to write")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("bench", help="benchmarks writing to benchmarks/results.json")
     p.add_argument("what", choices=["data"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -122,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"fvdm: config error: {e}", file=sys.stderr)
+        return 2
+    except InteropError as e:
+        print(f"fvdm: checkpoint error: {e}", file=sys.stderr)
         return 2
 
 

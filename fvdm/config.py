@@ -108,9 +108,21 @@ def _describe(e: OmegaConfBaseException) -> str:
 
 
 def load_config(schema: type, files: Sequence[str] = (), overrides: Sequence[str] = ()) -> Any:
-    """Merge ``files`` then ``overrides`` into ``schema`` and return a typed, validated config object."""
+    """Merge ``files`` then ``overrides`` into ``schema`` and return a typed, validated config object.
+
+    A schema may declare ``PRESETS = {"vae_preset": ("vae", vae_preset)}``: the preset named by that key
+    (in any source, else its default) fills the section's defaults before the files are merged, so a
+    preset is plain config that any file or override can still change.
+    """
     merged = OmegaConf.structured(schema)
     OmegaConf.set_struct(merged, True)
+    for key, (section, make) in getattr(schema, "PRESETS", {}).items():
+        name = peek_key(files, overrides, key, merged.get(key))
+        if name:
+            try:
+                merged = OmegaConf.merge(merged, {section: OmegaConf.structured(make(name))})
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"key '{key}': unknown preset '{name}' ({e})") from e
     sources: list[tuple[str, DictConfig]] = [(f, _load_yaml(f)) for f in files]
     try:
         dotlist = OmegaConf.from_dotlist(list(overrides))
@@ -129,15 +141,21 @@ def load_config(schema: type, files: Sequence[str] = (), overrides: Sequence[str
     return OmegaConf.to_object(merged)
 
 
-def peek_stage(files: Sequence[str], overrides: Sequence[str]) -> str:
-    """Find the ``stage`` key before the schema is known (last source wins)."""
-    stage = None
+def peek_key(files: Sequence[str], overrides: Sequence[str], key: str, default: Any = None) -> Any:
+    """Read one top-level key from the sources before the schema is applied (last source wins)."""
+    value = default
     for f in files:
-        stage = _load_yaml(f).get("stage", stage)
+        value = _load_yaml(f).get(key, value)
     for o in overrides:
         k, _, v = o.partition("=")
-        if k.strip() == "stage":
-            stage = v.strip()
+        if k.strip() == key:
+            value = v.strip()
+    return value
+
+
+def peek_stage(files: Sequence[str], overrides: Sequence[str]) -> str:
+    """Find the ``stage`` key before the schema is known."""
+    stage = peek_key(files, overrides, "stage")
     if stage is None:
         raise ConfigError(f"{', '.join(files) or 'command line'}: required key 'stage' missing")
     return str(stage)

@@ -1,0 +1,58 @@
+"""Load what a stage starts from: an fvdm stage checkpoint or an imported Hunyuan3D-2 folder."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fvdm.config import ConfigError
+from fvdm.stages.base import CONFIG_KEY
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint file written by an fvdm stage (with its config)."""
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    if CONFIG_KEY not in ckpt:
+        raise ConfigError(f"{path}: not an fvdm stage checkpoint (no stored config)")
+    return ckpt
+
+
+def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Entries of ``state_dict`` under ``prefix.``, with the prefix removed."""
+    return {k[len(prefix) + 1:]: v for k, v in state_dict.items() if k.startswith(prefix + ".")}
+
+
+def load_pretrained_vae(path: str | Path):
+    """A ``VecSetVAE`` from a vae/decoder_ft checkpoint (``.ckpt``) or a Hunyuan3D-2 VAE folder."""
+    from fvdm.models.vae import VAEConfig, VecSetVAE
+    from fvdm.stages.vae import VAE_CONFIG_KEY
+
+    path = Path(path)
+    if path.is_dir():
+        from fvdm.interop.hunyuan3d import load_vae
+
+        return load_vae(path)
+    if not path.is_file():
+        raise ConfigError(f"init_from: {path} is neither a checkpoint file nor a Hunyuan3D-2 folder")
+    ckpt = read_checkpoint(path)
+    if VAE_CONFIG_KEY not in ckpt:
+        raise ConfigError(f"{path}: checkpoint holds no VAE (stage {ckpt.get('stage', '?')})")
+    vae = VecSetVAE(VAEConfig(**ckpt[VAE_CONFIG_KEY]))
+    vae.load_state_dict(submodule_state(ckpt["state_dict"], "vae"))
+    return vae
+
+
+def save_vae_checkpoint(vae, path: str | Path) -> Path:
+    """Write ``vae`` as an fvdm checkpoint that ``init_from`` and ``fvdm eval`` accept."""
+    import dataclasses
+
+    from fvdm.config import to_yaml
+    from fvdm.stages.vae import VAE_CONFIG_KEY, VAEStageConfig
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = VAEStageConfig(vae=vae.cfg, vae_preset=None, name=path.stem)
+    torch.save({CONFIG_KEY: to_yaml(cfg), VAE_CONFIG_KEY: dataclasses.asdict(vae.cfg),
+                "state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, str(path))
+    return path
