@@ -9,6 +9,10 @@ run. The exact sample-level position of the stream is not restored: webdataset k
 Validation: deterministic and exactly once across ranks and workers, for any number of shards (see
 :func:`split_samples`). Point subsampling there is seeded by the sample key, so metrics are reproducible.
 
+Reading: a local shard is memory-mapped and only the rows drawn for a step are copied out of it (a sample
+at default counts is ~11 MB, a step needs a few hundred kB of it); ``pipe:`` and remote URLs stream through
+webdataset. Non-finite values are looked for in the drawn rows only (see :func:`take`).
+
 A corrupt shard or a malformed sample is skipped and counted per worker (:class:`DataHealth`); every batch
 carries its worker's running counts (``n_bad``, ``n_seen``) so a stage can log the bad fraction, and more
 bad samples than ``cfg.max_bad_fraction`` stop the run with :class:`BadDataError`.
@@ -28,12 +32,14 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
 
 from fvdm.config import DataConfig
-from fvdm.data.shards import MalformedSample, ShapeSample, decode_sample
+from fvdm.data.shards import MalformedSample, ShapeSample, ShardError, decode_sample, read_samples
 
 MIN_SEEN = 20  # samples a worker must have seen before the bad fraction can stop the run
 MAX_REASONS = 5  # failure reasons kept per worker for the error message
+PIPE_BUFFER = 1 << 20  # bytes buffered from a pipe: or remote shard (webdataset's 8 KiB: ~15 % slower)
 
 
 class BadDataError(RuntimeError):
@@ -53,6 +59,11 @@ def worker_info() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+def is_local(url: str) -> bool:
+    """Whether a shard URL names a local file (read memory-mapped) rather than a ``pipe:`` or remote URL."""
+    return not url.startswith("pipe:") and "://" not in url
+
+
 def expand_shards(spec: str, what: str = "shards", recursive: bool = False) -> list[str]:
     """Shard URLs from a path, directory (its ``*.tar``), brace pattern, ``::``-joined list or ``pipe:`` URL.
 
@@ -61,7 +72,7 @@ def expand_shards(spec: str, what: str = "shards", recursive: bool = False) -> l
     """
     urls: list[str] = []
     for url in wds.shardlists.expand_urls(spec):
-        if url.startswith("pipe:") or "://" in url:
+        if not is_local(url):
             urls.append(url)
             continue
         path = Path(url)
@@ -99,10 +110,10 @@ def split_samples(
             yield sample
 
 
-def resampled_shards(urls: list[str], rng: np.random.Generator) -> Iterator[dict]:
-    """An infinite stream of ``{"url": ...}`` drawn uniformly with replacement (the training shard order)."""
+def resampled_shards(urls: list[str], rng: np.random.Generator) -> Iterator[str]:
+    """An infinite stream of shard URLs drawn uniformly with replacement (the training shard order)."""
     while True:
-        yield {"url": urls[int(rng.integers(len(urls)))]}
+        yield urls[int(rng.integers(len(urls)))]
 
 
 def stream_failure(exn: Exception, urls: Iterable[str]) -> Optional[tuple[str, str]]:
@@ -161,24 +172,33 @@ def keep_one_render(raw: dict, rng: Optional[np.random.Generator]) -> dict:
     return {k: v for k, v in raw.items() if k not in names or k == chosen}
 
 
-def take(points: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` rows of ``points``, without replacement when there are enough, with replacement otherwise."""
-    return points[rng.choice(len(points), n, replace=len(points) < n)]
+def take(s: ShapeSample, name: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` rows (a copy) of field ``name``, without replacement when there are enough, else with.
+
+    Only these rows are checked for NaN/inf (a non-finite one makes the sample malformed): a sample is not
+    scanned whole at read time, so a bad value in a row never drawn goes unnoticed (``fvdm inspect`` checks
+    every value).
+    """
+    points = getattr(s, name)
+    rows = np.take(points, rng.choice(len(points), n, replace=len(points) < n), axis=0)  # [n, W]; 2-3x points[idx]
+    if not np.isfinite(rows).all():
+        raise MalformedSample(f"sample {s.key}: field '{name}' has non-finite values")
+    return rows
 
 
 def subsample(s: ShapeSample, cfg: DataConfig, rng: np.random.Generator) -> dict[str, Any]:
     """A decoded shape -> one training example with the configured point counts (numpy, uint8 image)."""
     flag0 = np.zeros((cfg.num_surface, 1), np.float32)
-    parts = [np.concatenate([take(s.surface, cfg.num_surface, rng), flag0], axis=1)]  # [Ns, 7]
+    parts = [np.concatenate([take(s, "surface", cfg.num_surface, rng), flag0], axis=1)]  # [Ns, 7]
     if cfg.num_sharp:
-        sharp = s.sharp if len(s.sharp) else s.surface  # no sharp edges: more uniform surface, flag 0
+        sharp = "sharp" if len(s.sharp) else "surface"  # no sharp edges: more uniform surface, flag 0
         flag = np.full((cfg.num_sharp, 1), 1.0 if len(s.sharp) else 0.0, np.float32)
-        parts.append(np.concatenate([take(sharp, cfg.num_sharp, rng), flag], axis=1))  # [Ne, 7]
+        parts.append(np.concatenate([take(s, sharp, cfg.num_sharp, rng), flag], axis=1))  # [Ne, 7]
     example: dict[str, Any] = {
         "key": s.key,
         "surface": np.concatenate(parts),  # [Ns + Ne, 7] xyz, normal, sharp flag
-        "vol": take(s.vol, cfg.num_vol, rng),
-        "near": take(s.near, cfg.num_near, rng),
+        "vol": take(s, "vol", cfg.num_vol, rng),
+        "near": take(s, "near", cfg.num_near, rng),
     }
     if s.renders:
         example["image"] = s.renders[0]  # [H, W, 3] uint8, the one render kept by keep_one_render
@@ -204,33 +224,55 @@ class ShapeStream(IterableDataset):
     """Batches from shards for one rank; each DataLoader worker builds its own webdataset pipeline.
 
     ``rank``/``world`` are explicit so that several ranks can be simulated without a process group.
+    ``images=False`` leaves the renders undecoded and batches without ``image`` (for stages that use none).
     A worker's :class:`DataHealth` lives in its copy of this dataset (running counts across passes).
     """
 
     def __init__(self, urls: list[str], cfg: DataConfig, train: bool, rank: int = 0, world: int = 1,
-                 step_offset: int = 0):
+                 step_offset: int = 0, images: bool = True):
         super().__init__()
-        self.urls, self.cfg, self.train = urls, cfg, train
+        self.urls, self.cfg, self.train, self.images = urls, cfg, train, images
         self.rank, self.world, self.step_offset = rank, world, step_offset
         self.shard_index = {u: i for i, u in enumerate(urls)}
         self.passes = 0
         self.health: Optional[DataHealth] = None
 
-    def _on_tar_error(self, exn: Exception) -> bool:
-        """webdataset handler: count a shard that cannot be opened or read on (see :func:`stream_failure`).
+    def _shard_failed(self, url: str, reason: str) -> None:
+        """Count a shard that cannot be opened or read on.
 
         In validation every slot reads every shard, so a failure is counted by one slot only (the shard's
         index modulo the slots) and thus once over all ranks and workers.
         """
-        failure = stream_failure(exn, self.shard_index)
-        if failure is None:
-            return True
-        url, reason = failure
         worker, num_workers = worker_info()
         if self.train or self.shard_index[url] % (self.world * num_workers) == self.rank * num_workers + worker:
             assert self.health is not None
             self.health.add_bad(url, reason)
+
+    def _on_tar_error(self, exn: Exception) -> bool:
+        """webdataset handler: count stream-level failures (see :func:`stream_failure`), skip the rest."""
+        failure = stream_failure(exn, self.shard_index)
+        if failure is not None:
+            self._shard_failed(*failure)
         return True
+
+    def _stream(self, url: str) -> Iterator[dict]:
+        """Raw samples of a ``pipe:`` or remote shard: webdataset's tar stream reader (its
+        ``tarfile_to_samples`` with a larger pipe buffer)."""
+        opened = tariterators.url_opener(iter([{"url": url}]), handler=self._on_tar_error, bufsize=PIPE_BUFFER)
+        files = tariterators.tar_file_expander(opened, handler=self._on_tar_error)
+        return tariterators.group_by_keys(files, handler=self._on_tar_error)
+
+    def _read(self, urls: Iterable[str]) -> Iterator[dict]:
+        """Raw samples of each shard in turn: local files memory-mapped (:func:`read_samples`, no copies),
+        ``pipe:`` and remote URLs streamed (:meth:`_stream`)."""
+        for url in urls:
+            if not is_local(url):
+                yield from self._stream(url)
+                continue
+            try:
+                yield from read_samples(url)
+            except (OSError, ShardError) as e:
+                self._shard_failed(url, f"{type(e).__name__}: {e}")
 
     def _examples(self, raws: Iterable[dict], rng: Optional[np.random.Generator]) -> Iterator[dict]:
         """Decode and subsample raw samples; malformed ones are counted and skipped."""
@@ -240,7 +282,8 @@ class ShapeStream(IterableDataset):
             try:
                 key_rng = rng if rng is not None else np.random.default_rng(
                     [self.cfg.seed, zlib.crc32(str(raw.get("__key__")).encode())])
-                sample = decode_sample(keep_one_render(raw, rng))
+                raw = keep_one_render(raw, rng) if self.images else raw
+                sample = decode_sample(raw, with_renders=self.images, check_finite=False)  # finite: see take()
                 example = subsample(sample, self.cfg, key_rng)
             except MalformedSample as e:
                 self.health.add_bad(url, str(e))
@@ -253,17 +296,16 @@ class ShapeStream(IterableDataset):
         if self.health is None:
             where = f"data.{'train' if self.train else 'val'} rank {self.rank} worker {worker}"
             self.health = DataHealth(self.cfg.max_bad_fraction, where)
-        read = wds.tarfile_to_samples(handler=self._on_tar_error)
         if self.train:
             rng = np.random.default_rng([self.cfg.seed, self.rank, worker, self.step_offset, self.passes])
             self.passes += 1
-            examples = self._examples(read(resampled_shards(self.urls, rng)), rng)
+            examples = self._examples(self._read(resampled_shards(self.urls, rng)), rng)
             shuffle_rng = random.Random(int(rng.integers(2**63)))
             examples = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=shuffle_rng)(examples)
             batch_size = self.cfg.batch_size
         else:
-            raws = split_samples(read(iter({"url": u} for u in self.urls)), self.rank, self.world, worker,
-                                 num_workers, self.cfg.val_max_samples)
+            raws = split_samples(self._read(self.urls), self.rank, self.world, worker, num_workers,
+                                 self.cfg.val_max_samples)
             examples = self._examples(raws, None)
             batch_size = self.cfg.val_batch_size
         for batch in wds.batched(batch_size, collation_fn=collate, partial=True)(examples):
@@ -279,23 +321,26 @@ class ShapeDataModule(L.LightningDataModule):
     module restores only ``step_offset`` (the global step when the checkpoint was written), which re-seeds
     the resampled train stream so that the resumed run draws new samples instead of replaying the first
     ones. The exact sample position inside shards and shuffle buffers is not restored.
+
+    ``images=False`` skips decoding the renders (batches then carry no ``image``): for stages that use none.
     """
 
-    def __init__(self, cfg: DataConfig):
+    def __init__(self, cfg: DataConfig, images: bool = True):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.images = cfg, images
         self.step_offset = 0
 
     def train_dataset(self, rank: Optional[int] = None, world: Optional[int] = None) -> ShapeStream:
         r, w = world_info()
         urls = expand_shards(self.cfg.train, "data.train")
         return ShapeStream(urls, self.cfg, True, r if rank is None else rank, w if world is None else world,
-                           self.step_offset)
+                           self.step_offset, self.images)
 
     def val_dataset(self, rank: Optional[int] = None, world: Optional[int] = None) -> ShapeStream:
         r, w = world_info()
         urls = expand_shards(self.cfg.val, "data.val")
-        return ShapeStream(urls, self.cfg, False, r if rank is None else rank, w if world is None else world)
+        return ShapeStream(urls, self.cfg, False, r if rank is None else rank, w if world is None else world,
+                           images=self.images)
 
     def _loader(self, dataset: ShapeStream) -> DataLoader:
         n = self.cfg.num_workers

@@ -5,16 +5,20 @@ used everywhere in fvdm: **negative inside**, positive outside, in the normalize
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
+import math
+import mmap
 import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 SDF_SIGN = -1.0  # sign of the SDF inside a shape: negative inside, positive outside
 FIELDS = ("surface", "sharp", "vol", "near")
@@ -23,6 +27,10 @@ WIDTHS = {"surface": 6, "sharp": 6, "vol": 4, "near": 4}  # xyz+normal, xyz+norm
 
 class MalformedSample(ValueError):
     """A sample whose fields are missing, of the wrong shape, or not finite."""
+
+
+class ShardError(ValueError):
+    """A local shard that cannot be read on: empty, not a tar, truncated or with a corrupt header."""
 
 
 @dataclass
@@ -61,8 +69,40 @@ def encode_sample(s: ShapeSample) -> dict[str, bytes]:
     return out
 
 
-def decode_sample(d: dict[str, Any], with_renders: bool = True) -> ShapeSample:
-    """Raw WebDataset dict (bytes values) -> validated ShapeSample; raises MalformedSample."""
+@functools.lru_cache(maxsize=256)
+def npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from a ``.npy`` magic + header (cached: shards repeat a few shapes)."""
+    head = io.BytesIO(prefix)
+    version = np.lib.format.read_magic(head)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if read is None:
+        raise ValueError(f"unsupported .npy version {version}")
+    return read(head)
+
+
+def npy_array(buf: bytes | memoryview) -> np.ndarray:
+    """The array stored in ``.npy`` bytes, as a read-only view of ``buf`` (no copy, unlike ``np.load``).
+
+    Raises ValueError on a bad magic or header, an object dtype (fvdm never pickles) or a short payload.
+    """
+    start = 10 if bytes(buf[6:7]) == b"\x01" else 12  # header length: uint16 in version 1, uint32 after
+    offset = start + int.from_bytes(buf[8:start], "little")
+    shape, fortran, dtype = npy_header(bytes(buf[:offset]))
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    count = math.prod(shape)
+    if len(buf) < offset + count * dtype.itemsize:
+        raise ValueError(f"payload of {len(buf) - offset} bytes is too short for {shape} {dtype}")
+    flat = np.frombuffer(buf, dtype=dtype, count=count, offset=offset)
+    return flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+
+
+def decode_sample(d: dict[str, Any], with_renders: bool = True, check_finite: bool = True) -> ShapeSample:
+    """Raw WebDataset dict (bytes or memoryview values) -> validated ShapeSample; raises MalformedSample.
+
+    The arrays are read-only views of the raw buffers. ``check_finite=False`` skips the scan of every value
+    for NaN/inf; streaming then checks only the rows it draws (see ``fvdm.data.datamodule.take``).
+    """
     key = d.get("__key__", "?")
     arrays = {}
     for name in FIELDS:
@@ -70,26 +110,27 @@ def decode_sample(d: dict[str, Any], with_renders: bool = True) -> ShapeSample:
         if raw is None:
             raise MalformedSample(f"sample {key}: field '{name}' missing")
         try:
-            a = np.load(io.BytesIO(raw), allow_pickle=False)
+            a = npy_array(raw)
         except Exception as e:
             raise MalformedSample(f"sample {key}: field '{name}' unreadable: {e}") from e
         if a.ndim != 2 or a.shape[1] != WIDTHS[name]:
             raise MalformedSample(f"sample {key}: field '{name}' has shape {a.shape}, expected [N, {WIDTHS[name]}]")
-        if not np.isfinite(a).all():
+        if check_finite and not np.isfinite(a).all():
             raise MalformedSample(f"sample {key}: field '{name}' has non-finite values")
         arrays[name] = a.astype(np.float32, copy=False)
     for name in ("surface", "vol", "near"):
         if len(arrays[name]) == 0:
             raise MalformedSample(f"sample {key}: field '{name}' is empty")
     try:
-        meta = json.loads(d["meta.json"]) if "meta.json" in d else {}
+        meta = json.loads(bytes(d["meta.json"])) if "meta.json" in d else {}
     except Exception as e:
         raise MalformedSample(f"sample {key}: meta.json unreadable: {e}") from e
     renders = []
     if with_renders:
         for k in sorted(k for k in d if k.startswith("render_") and k.endswith(".png")):
             try:
-                renders.append(np.asarray(Image.open(io.BytesIO(d[k])).convert("RGB")))
+                img = Image.open(io.BytesIO(d[k]))
+                renders.append(np.asarray(img if img.mode == "RGB" else img.convert("RGB")))
             except Exception as e:
                 raise MalformedSample(f"sample {key}: {k} unreadable: {e}") from e
     return ShapeSample(key=key, renders=renders, meta=meta, **arrays)
@@ -173,7 +214,7 @@ def shard_pattern(out_dir: str | Path, prefix: str = "shard") -> str:
 
 
 def iter_tar(path: str | Path) -> Iterable[dict[str, bytes]]:
-    """Group a shard's members into raw sample dicts (for tools; training reads through webdataset)."""
+    """Group a shard's members into raw sample dicts of bytes (for tools; streaming uses :func:`read_samples`)."""
     current: dict[str, Any] = {}
     with tarfile.open(path) as tar:
         for m in tar:
@@ -186,5 +227,62 @@ def iter_tar(path: str | Path) -> Iterable[dict[str, bytes]]:
             current.setdefault("__key__", key)
             f = tar.extractfile(m)
             current[ext] = f.read() if f else b""
+    if current:
+        yield current
+
+
+def tar_members(path: str | Path) -> Iterator[tuple[str, memoryview]]:
+    """(name, data) of each regular member of a local tar; ``data`` is a zero-copy view of the mapped file.
+
+    Only the 512-byte headers are parsed (by ``tarfile``); member data is never copied or read here, so a
+    reader touches only the pages it uses. Raises :class:`ShardError` (after the members before the damage)
+    when the file is empty or not a tar, a member runs past the end of the file (truncated), or a header is
+    cut or corrupt instead of the end-of-archive block. The file must not be truncated in place while its
+    views are alive (reading a lost page is a SIGBUS); ShardWriter replaces files atomically.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ShardError(f"{path}: empty file")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # lives as long as views of it do
+    view = memoryview(mm)
+    try:
+        tar = tarfile.open(fileobj=mm, mode="r:")
+        for m in tar:
+            if m.offset_data + m.size > size:
+                raise ShardError(f"{path}: member {m.name} ends at byte {m.offset_data + m.size} of a "
+                                 f"{size}-byte file (truncated)")
+            if m.isreg():
+                yield m.name, view[m.offset_data:m.offset_data + m.size]
+    except tarfile.TarError as e:
+        raise ShardError(f"{path}: {e}") from e
+    end = mm[tar.offset:tar.offset + tarfile.BLOCKSIZE]  # tarfile stops silently at a bad header: check
+    if end != bytes(tarfile.BLOCKSIZE):
+        what = "a cut or corrupt header" if end else "the end of the file"
+        raise ShardError(f"{path}: {what} at byte {tar.offset} instead of the end-of-archive block (truncated?)")
+
+
+def read_samples(path: str | Path) -> Iterator[dict[str, Any]]:
+    """Raw sample dicts of a local shard, grouped as webdataset does, with zero-copy memoryview values.
+
+    Members are grouped by key (the name up to the first dot of its basename; lower-case extension), and
+    each dict carries ``__key__`` and ``__url__`` (= ``path``). A sample cut by damage is still yielded, so
+    that its missing fields are reported when decoded, before the :class:`ShardError` is raised.
+    """
+    current: dict[str, Any] = {}
+    try:
+        for name, data in tar_members(path):
+            key, ext = base_plus_ext(name)
+            if key is None:
+                continue
+            if current.get("__key__") != key:
+                if current:
+                    yield current
+                current = {"__key__": key, "__url__": str(path)}
+            current.setdefault(ext.lower(), data)  # a duplicate name keeps the first, as webdataset does
+    except ShardError:
+        if current:
+            yield current
+        raise
     if current:
         yield current
