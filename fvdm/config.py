@@ -43,6 +43,7 @@ class TrainerConfig:
     """Lightning Trainer settings; device and precision never leak into model code."""
 
     max_steps: int = 1000
+    max_time: Optional[str] = None  # "DD:HH:MM:SS" wall-clock cap (e.g. a SLURM slot); None: steps only
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1

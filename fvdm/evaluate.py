@@ -22,7 +22,7 @@ def eval_checkpoint(checkpoint: str, data: str, out_dir: str | None = None, devi
         num_surface, num_sharp = vae.cfg.pc_size, vae.cfg.pc_sharpedge_size
     cfg = DataConfig(train=data, val=data, val_batch_size=batch_size, num_workers=0, num_surface=num_surface,
                      num_sharp=num_sharp, num_vol=num_points, num_near=num_points)
-    loader = ShapeDataModule(cfg).val_dataloader()
+    loader = ShapeDataModule(cfg, images=False).val_dataloader()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     metrics = evaluate(vae.to(device), loader, out_dir=out_dir, device=device, **settings)
     print(json.dumps(metrics, indent=1))

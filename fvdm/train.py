@@ -9,7 +9,6 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from fvdm.config import ConfigError, load_config, peek_stage, split_args
 from fvdm.stages import get_stage
-from fvdm.tracking import make_logger, start_run
 
 
 def resolve(args: Sequence[str]) -> Any:
@@ -36,6 +35,7 @@ def build_trainer(cfg: Any, logger: Any) -> L.Trainer:
     )
     return L.Trainer(
         max_steps=t.max_steps,
+        max_time=t.max_time,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
@@ -47,7 +47,7 @@ def build_trainer(cfg: Any, logger: Any) -> L.Trainer:
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
         logger=logger,
-        callbacks=[checkpoints, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoints] + ([LearningRateMonitor(logging_interval="step")] if logger else []),
         default_root_dir=str(cfg.run_dir),
         enable_progress_bar=True,
         num_sanity_val_steps=0,
@@ -62,6 +62,8 @@ def train(args: Sequence[str], resume: bool = False) -> tuple[Any, L.Trainer]:
     ckpt = last_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise ConfigError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.ckpt'}")
+    from fvdm.tracking import make_logger, start_run
+
     L.seed_everything(cfg.trainer.seed, workers=True)
     logger = make_logger(cfg, run_dir, resume=resume)
     start_run(logger, cfg, run_dir)

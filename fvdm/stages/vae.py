@@ -85,7 +85,7 @@ class VAEStage(Stage):
         checkpoint[VAE_CONFIG_KEY] = dataclasses.asdict(self.vae.cfg)  # rebuilds the VAE whatever the stage
 
     def datamodule(self) -> ShapeDataModule:
-        return ShapeDataModule(self.cfg.data)
+        return ShapeDataModule(self.cfg.data, images=False)
 
     def configure_callbacks(self) -> list[Any]:
         e = self.cfg.eval

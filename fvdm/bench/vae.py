@@ -1,0 +1,82 @@
+"""``fvdm bench vae``: train a VAE preset from scratch on the embedded default under a time cap, then report
+held-out V-IoU / S-IoU beside their trivial baselines, Chamfer, F-score, decode time and throughput.
+
+This is the issue-10 quality bar (``base`` on one GPU within 15 minutes) as a reproducible command; the
+record lands in ``benchmarks/results.json`` with the device, date and commit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+
+from fvdm.bench.results import record
+from fvdm.callbacks.reconstruction import evaluate
+from fvdm.config import load_config
+from fvdm.data.datamodule import ShapeDataModule
+from fvdm.data.sampling import SampleCounts
+from fvdm.data.synth import run_synth
+from fvdm.stages.vae import VAEStage, VAEStageConfig
+from fvdm.train import build_trainer
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+def main(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="fvdm bench vae")
+    p.add_argument("--preset", default="base")
+    p.add_argument("--minutes", type=float, default=8.0, help="training wall-clock cap")
+    p.add_argument("--steps", type=int, default=3000, help="schedule length (training stops at the cap or here)")
+    p.add_argument("--shapes", type=int, default=1500)
+    p.add_argument("--data", default="bench-data/vae")
+    p.add_argument("--run-root", default="bench-runs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-surface", type=int, default=20480)
+    p.add_argument("--num-points", type=int, default=4096, help="volume and near-surface points per shape")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--resolution", type=int, default=128, help="marching cubes for Chamfer / decode time")
+    p.add_argument("--results", default="benchmarks/results.json")
+    p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    a = p.parse_args(argv)
+
+    t0 = time.perf_counter()
+    counts = SampleCounts(surface=max(a.num_surface, 8192), sharp=2048, vol=32768, near=32768, renders=0)
+    run_synth(a.data, num=a.shapes, seed=0, val_fraction=0.1, counts=counts, workers=a.workers, shard_size=64)
+    synth_s = time.perf_counter() - t0
+
+    cap = f"00:00:{int(a.minutes) :02d}:{int((a.minutes % 1) * 60):02d}"
+    cfg = load_config(VAEStageConfig, [str(EXPERIMENTS / "vae.yaml")], [
+        f"vae_preset={a.preset}", f"data.train={a.data}/train", f"data.val={a.data}/val",
+        f"data.batch_size={a.batch_size}", f"data.num_surface={a.num_surface}", f"data.num_vol={a.num_points}",
+        f"data.num_near={a.num_points}", f"data.num_workers={min(8, a.workers)}", "data.shuffle_buffer=256",
+        f"run_root={a.run_root}", f"name=bench-vae-{a.preset}", f"trainer.max_steps={a.steps}",
+        f"trainer.max_time={cap}", f"trainer.precision={a.precision}", "trainer.checkpoint_every_n_steps=1000000",
+        "trainer.log_every_n_steps=50", f"optim.lr={a.lr}", "optim.warmup_steps=200", "eval.every_n_steps=1000000",
+        *a.overrides])
+    L.seed_everything(cfg.trainer.seed, workers=True)
+    module = VAEStage(cfg)
+    trainer = build_trainer(cfg, logger=False)
+    t1 = time.perf_counter()
+    trainer.fit(module, datamodule=module.datamodule())
+    train_s = time.perf_counter() - t1
+    steps = trainer.global_step
+
+    vae = module.vae.eval()
+    val = ShapeDataModule(cfg.data, images=False).val_dataloader()
+    with trainer.precision_plugin.forward_context():
+        metrics = evaluate(vae, val, device=module.device, resolution=a.resolution, num_mesh_shapes=16,
+                           max_batches=None)
+    figures = {
+        "preset": a.preset, "params_m": sum(p.numel() for p in vae.parameters()) / 1e6, "train_shapes": a.shapes,
+        "train_minutes": train_s / 60, "steps": steps, "samples_per_s": steps * a.batch_size / train_s,
+        "synth_s": synth_s, "batch_size": a.batch_size, "precision": a.precision,
+        **{k.rsplit("/", 1)[-1]: v for k, v in metrics.items()},
+    }
+    entry = record("vae", figures, path=a.results)
+    print(entry)
+    return entry
