@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from fvdm.bench.results import record
 from fvdm.callbacks.reconstruction import evaluate
@@ -66,11 +67,11 @@ def main(argv: list[str]) -> dict:
     train_s = time.perf_counter() - t1
     steps = trainer.global_step
 
-    vae = module.vae.eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fit() ends with the model on CPU
+    vae = module.vae.to(device).eval()
     val = ShapeDataModule(cfg.data, images=False).val_dataloader()
     with trainer.precision_plugin.forward_context():
-        metrics = evaluate(vae, val, device=module.device, resolution=a.resolution, num_mesh_shapes=16,
-                           max_batches=None)
+        metrics = evaluate(vae, val, device=device, resolution=a.resolution, num_mesh_shapes=16, max_batches=None)
     figures = {
         "preset": a.preset, "params_m": sum(p.numel() for p in vae.parameters()) / 1e6, "train_shapes": a.shapes,
         "train_minutes": train_s / 60, "steps": steps, "samples_per_s": steps * a.batch_size / train_s,
