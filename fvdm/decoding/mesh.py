@@ -1,12 +1,17 @@
 """``decode_mesh``: latents -> meshes, the one entry point every volume decoder and surface extractor plugs into.
 
-Pipeline: ``vae.decode`` once, a volume decoder (dense by default) fills the SDF on the (R+1)^3 grid, then a
-surface extractor (scikit-image marching cubes by default) takes the ``level`` set and maps vertices to the
-world exactly (``fvdm.decoding.grid``). The SDF is negative inside, so faces are wound counter-clockwise seen
-from outside (normals point towards positive values) and a closed mesh has positive volume.
+Pipeline: ``vae.decode`` once, a volume decoder fills the SDF on the (R+1)^3 grid (densely, or hierarchically
+near the surface only), then a surface extractor takes the ``level`` set and maps vertices to the world exactly
+(``fvdm.decoding.grid``). The SDF is negative inside, so faces are wound counter-clockwise seen from outside
+(normals point towards positive values) and a closed mesh has positive volume.
+
+``method`` picks the stack: ``"dense"`` (every grid point; scikit-image marching cubes on the CPU, the reference),
+``"hierarchical"`` (FlashVDM algorithm 1, exact attention, torch marching cubes on the sparse surface cells),
+``"flash"`` (hierarchical + adaptive KV selection, the fast stack) and ``"auto"`` (flash on CUDA, dense on the CPU).
 """
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,8 +22,13 @@ import torch
 import trimesh
 from skimage.measure import marching_cubes
 
+from fvdm.decoding import marching_cubes as torch_mc
 from fvdm.decoding.dense import DenseVolumeDecoder
 from fvdm.decoding.grid import DEFAULT_BOUNDS, Bounds, Box, DecodedField, VolumeDecoder, as_box, index_to_world
+from fvdm.decoding.hierarchical import ExactQuery, HierarchicalVolumeDecoder, SparseField
+from fvdm.decoding.kv_selection import AdaptiveKVQuery, KVSelection
+
+METHODS = ("auto", "dense", "hierarchical", "flash")
 
 
 class EmptyMeshWarning(UserWarning):
@@ -27,11 +37,13 @@ class EmptyMeshWarning(UserWarning):
 
 @dataclass
 class DecodeStats:
-    """Cost of one mesh: the points it queried, and its share (batch total / B) of the wall time per stage."""
+    """Cost of one mesh: the points it queried (in all, and per cascade level), and its share (batch total / B)
+    of the wall time per stage: "decode" (vae.decode), "volume" (with "level_<R>" per level), "extract"."""
 
     queries: int
     seconds: float
-    stages: dict[str, float] = field(default_factory=dict)  # "decode" (vae.decode), "volume", "extract"
+    stages: dict[str, float] = field(default_factory=dict)
+    level_queries: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -58,23 +70,31 @@ class Mesh:
 class SurfaceExtractor(Protocol):
     """A decoded field -> one Mesh per shape at ``level``, vertices in world coordinates."""
 
-    def __call__(self, decoded: DecodedField, level: float) -> list[Mesh]: ...
+    def __call__(self, decoded: DecodedField | SparseField, level: float) -> list[Mesh]: ...
 
 
-def marching_cubes_skimage(decoded: DecodedField, level: float = 0.0) -> list[Mesh]:
-    """scikit-image (Lewiner) marching cubes on the CPU, one shape at a time; empty Mesh + warning if no surface."""
+def _warn_empty(i: int, level: float, where: str | None) -> Mesh:
+    if where is None:
+        warnings.warn(f"decode_mesh: shape {i}: the field has non-finite values; returning an empty mesh",
+                      EmptyMeshWarning, stacklevel=3)
+    else:
+        warnings.warn(f"decode_mesh: shape {i}: no surface at level {level} (every point is {where}); "
+                      "returning an empty mesh", EmptyMeshWarning, stacklevel=3)
+    return Mesh.empty()
+
+
+def marching_cubes_skimage(decoded: DecodedField | SparseField, level: float = 0.0) -> list[Mesh]:
+    """scikit-image (Lewiner) marching cubes on the CPU, one shape at a time; empty Mesh + warning if no surface.
+    The CPU reference: a sparse field is densified first."""
+    if isinstance(decoded, SparseField):
+        decoded = decoded.to_dense()
     meshes = []
     for i, volume in enumerate(decoded.sdf.detach().float().cpu().numpy()):  # volume: [R+1, R+1, R+1]
         if not np.isfinite(volume).all():
-            warnings.warn(f"decode_mesh: shape {i}: the field has non-finite values; returning an empty mesh",
-                          EmptyMeshWarning, stacklevel=2)
-            meshes.append(Mesh.empty())
+            meshes.append(_warn_empty(i, level, None))
             continue
         if not ((volume < level).any() and (volume > level).any()):
-            where = "inside" if (volume <= level).all() else "outside"
-            warnings.warn(f"decode_mesh: shape {i}: no surface at level {level} (every point is {where}); "
-                          "returning an empty mesh", EmptyMeshWarning, stacklevel=2)
-            meshes.append(Mesh.empty())
+            meshes.append(_warn_empty(i, level, "inside" if (volume <= level).all() else "outside"))
             continue
         # "descent": the object of interest is where values fall below the level (negative inside), which
         # winds faces counter-clockwise seen from outside.
@@ -82,6 +102,70 @@ def marching_cubes_skimage(decoded: DecodedField, level: float = 0.0) -> list[Me
         world = index_to_world(verts, decoded.resolution, decoded.box).astype(np.float32)
         meshes.append(Mesh(world, faces.astype(np.int64)))
     return meshes
+
+
+def _to_mesh(verts: torch.Tensor, faces: torch.Tensor, resolution: int, box: Box) -> Mesh:
+    """Torch marching-cubes output (index units, on any device) -> a world-space Mesh (numpy)."""
+    world = index_to_world(verts.cpu().numpy(), resolution, box).astype(np.float32)
+    return Mesh(world, faces.int().cpu().numpy().astype(np.int64))
+
+
+def marching_cubes_torch(decoded: DecodedField | SparseField, level: float = 0.0) -> list[Mesh]:
+    """Torch lookup-table marching cubes on the field's device: ``sparse_marching_cubes`` on a sparse field's surface
+    cells (no dense volume), ``marching_cubes`` on a dense grid. Empty Mesh + warning if a shape has no surface."""
+    if not isinstance(decoded, SparseField):
+        meshes = []
+        for i, volume in enumerate(decoded.sdf):  # [R+1, R+1, R+1]
+            above, finite = volume > level, torch.isfinite(volume)
+            ok, has_above, all_above = torch.stack([finite.all(), above.any(), above.all()]).tolist()  # one sync
+            if not ok:
+                meshes.append(_warn_empty(i, level, None))
+            elif all_above or not has_above:
+                meshes.append(_warn_empty(i, level, "outside" if all_above else "inside"))
+            else:
+                meshes.append(_to_mesh(*torch_mc.marching_cubes(volume.float(), level), decoded.resolution,
+                                       decoded.box))
+        return meshes
+    n3 = (decoded.resolution + 1) ** 3
+    bad = torch.bincount(decoded.keys[~torch.isfinite(decoded.values)] // n3, minlength=decoded.batch_size)
+    cells = torch.bincount(decoded.cell_batch, minlength=decoded.batch_size)
+    inside = ~decoded.coarse_above.flatten(1).any(1)
+    bad, cells, inside = bad.tolist(), cells.tolist(), inside.tolist()  # one sync each
+    meshes = []
+    for i in range(decoded.batch_size):
+        if bad[i]:
+            meshes.append(_warn_empty(i, level, None))
+        elif cells[i] == 0:
+            meshes.append(_warn_empty(i, level, "inside" if inside[i] else "outside"))
+        else:
+            meshes.append(_to_mesh(*torch_mc.sparse_marching_cubes(*decoded.cells_of(i), level),
+                                   decoded.resolution, decoded.box))
+    return meshes
+
+
+def extract_auto(decoded: DecodedField | SparseField, level: float = 0.0) -> list[Mesh]:
+    """Torch marching cubes for sparse fields and for dense fields on a GPU; scikit-image for dense CPU fields."""
+    if isinstance(decoded, SparseField) or decoded.sdf.device.type != "cpu":
+        return marching_cubes_torch(decoded, level)
+    return marching_cubes_skimage(decoded, level)
+
+
+def fast_decoder(selection: KVSelection | None = KVSelection(), **settings) -> HierarchicalVolumeDecoder:
+    """The fast stack's volume decoder: hierarchical decoding with adaptive KV selection (``selection=None``: exact
+    attention). ``settings`` are :class:`HierarchicalVolumeDecoder` fields (min_resolution, eta, ...)."""
+    query = ExactQuery() if selection is None else AdaptiveKVQuery(selection)
+    return HierarchicalVolumeDecoder(query=query, **settings)
+
+
+def volume_decoder(method: str, vae, device: torch.device) -> VolumeDecoder:
+    """The volume decoder ``method`` names (see the module docstring) for ``vae`` on ``device``."""
+    if method not in METHODS:
+        raise ValueError(f"decode_mesh: unknown method '{method}' (choose from {', '.join(METHODS)})")
+    if method == "auto":
+        method = "dense" if device.type == "cpu" else "flash" if hasattr(vae, "geo_decoder") else "hierarchical"
+    if method == "dense":
+        return DenseVolumeDecoder()
+    return fast_decoder(KVSelection() if method == "flash" else None)
 
 
 def _clock(device: torch.device) -> float:
@@ -94,10 +178,11 @@ def _clock(device: torch.device) -> float:
 @torch.no_grad()
 def decode_mesh(vae, latents: torch.Tensor, resolution: int = 256, bounds: Bounds | Box = DEFAULT_BOUNDS,
                 decoder: VolumeDecoder | None = None, level: float = 0.0,
-                extractor: SurfaceExtractor | None = None) -> list[Mesh]:
+                extractor: SurfaceExtractor | None = None, method: str = "auto") -> list[Mesh]:
     """Latents [B, N, C] -> B meshes of the ``level`` set, each with its :class:`DecodeStats`.
 
-    ``decoder`` defaults to :class:`DenseVolumeDecoder`, ``extractor`` to scikit-image marching cubes.
+    ``decoder`` defaults to the one ``method`` names (``"auto"``: the fast stack on CUDA, dense on the CPU);
+    ``extractor`` to :func:`extract_auto` (torch marching cubes, scikit-image for dense CPU fields).
     A shape without a surface gives an empty Mesh and an :class:`EmptyMeshWarning`, never an error.
     """
     if not isinstance(latents, torch.Tensor) or latents.ndim != 3 or latents.shape[0] == 0:
@@ -105,20 +190,22 @@ def decode_mesh(vae, latents: torch.Tensor, resolution: int = 256, bounds: Bound
                          f"got {getattr(latents, 'shape', type(latents))}")
     if not np.isfinite(level):
         raise ValueError(f"decode_mesh: level must be finite, got {level}")
-    decoder = DenseVolumeDecoder() if decoder is None else decoder
-    extractor = marching_cubes_skimage if extractor is None else extractor
+    device = latents.device
+    decoder = volume_decoder(method, vae, device) if decoder is None else decoder
+    extractor = extract_auto if extractor is None else extractor
     box = as_box(bounds)
-
-    t0 = _clock(latents.device)
+    takes_level = "level" in inspect.signature(decoder).parameters
+    t0 = _clock(device)
     tokens = vae.decode(latents)
-    t1 = _clock(latents.device)
-    decoded = decoder(vae, tokens, resolution, box)
-    t2 = _clock(latents.device)
+    t1 = _clock(device)
+    decoded = decoder(vae, tokens, resolution, box, level=level) if takes_level else decoder(vae, tokens, resolution, box)
+    t2 = _clock(device)
     meshes = extractor(decoded, level)
-    t3 = _clock(latents.device)
-
+    t3 = _clock(device)
     b = latents.shape[0]
     stages = {"decode": (t1 - t0) / b, "volume": (t2 - t1) / b, "extract": (t3 - t2) / b}
-    for mesh, queries in zip(meshes, decoded.queries):
-        mesh.stats = DecodeStats(queries=int(queries), seconds=(t3 - t0) / b, stages=dict(stages))
+    stages.update({f"level_{s.resolution}": s.seconds / b for s in decoded.levels})
+    for i, (mesh, queries) in enumerate(zip(meshes, decoded.queries)):
+        mesh.stats = DecodeStats(queries=int(queries), seconds=(t3 - t0) / b, stages=dict(stages),
+                                 level_queries={s.resolution: int(s.queries[i]) for s in decoded.levels})
     return meshes
