@@ -13,8 +13,9 @@ Scoring (``mode``), all in fp32 with the attention's own 1/sqrt(D) scale:
   keeps its own top-k keys.
 - ``"logits"``: mean of the scaled logits over the sampled queries (= the mean query's logits), per head: what
   the public implementation does (there without the scale, in fp16).
-- ``"union"``: the union of each sampled query's top-``top_n`` keys by head-averaged probability (paper: N about
-  50), shared by all heads and filled up to ``topk`` by mean probability so the packed tensor keeps a fixed size.
+- ``"union"``: the union of each sampled query's top-N keys by head-averaged probability (N = ``top_n``, paper:
+  about 50, lowered to topk / samples if the union could not fit), shared by all heads and filled up to ``topk``
+  by mean probability so that the packed tensor keeps a fixed size.
 With ``topk`` = all tokens every mode reproduces exact attention (the keys are only permuted).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fvdm.decoding.hierarchical import shape_segments
 from fvdm.models.embedding import autocast_off
 
 MODES = ("softmax", "logits", "union")
-SCORE_BUDGET = 1 << 26  # fp32 scores held at once by the scoring step (256 MB)
+SCORE_BUDGET = 1 << 28  # fp32 scores held at once by the scoring step (1 GiB): chunks of ~100k+ queries on a GPU
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class KVSelection:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"KVSelection.mode: unknown mode '{self.mode}' (choose from {', '.join(MODES)})")
-        if isinstance(self.topk, bool) or not (
-                (isinstance(self.topk, int) and self.topk >= 1) or (isinstance(self.topk, float) and 0 < self.topk <= 1)):
+        count = isinstance(self.topk, int) and not isinstance(self.topk, bool) and self.topk >= 1
+        if not (count or (isinstance(self.topk, float) and 0 < self.topk <= 1)):
             raise ValueError(f"KVSelection.topk: must be an int >= 1 or a float in (0, 1]; got {self.topk!r}")
         for name in ("group_size", "samples", "top_n", "chunk_size"):
             if getattr(self, name) < 1:
@@ -106,11 +107,12 @@ def adaptive_kv_selection(q: Tensor, k: Tensor, v: Tensor, counts: Tensor, sel: 
             probs = ((sampled.float() @ keys_t) / math.sqrt(d)).softmax(-1)  # [G, H, n, M]
             if sel.mode == "softmax":
                 index = probs.mean(2).topk(kept, dim=-1).indices  # [G, H, kept]
-            else:  # union of each sample's top_n keys (head-averaged), filled up by mean probability
+            else:  # union of each sample's top-N keys (head-averaged), filled up by mean probability
                 per_sample = probs.mean(1)  # [G, n, M]
+                top_n = min(sel.top_n, max(1, kept // n))  # so that the union fits in the kept keys
                 votes = torch.zeros(g, m, device=q.device)
-                votes.scatter_add_(1, per_sample.topk(min(sel.top_n, m), dim=-1).indices.flatten(1),
-                                   torch.ones(g, n * min(sel.top_n, m), device=q.device))
+                votes.scatter_add_(1, per_sample.topk(top_n, dim=-1).indices.flatten(1),
+                                   torch.ones(g, n * top_n, device=q.device))
                 index = (votes + per_sample.mean(1)).topk(kept, dim=-1).indices[:, None].expand(g, h, kept)
     flat = index + (torch.arange(h, device=q.device) * m)[None, :, None]  # [G, H, kept] rows of k.view(H*M, D)
     k_sel = k.reshape(h * m, d)[flat]  # [G, H, kept, D]
@@ -165,6 +167,10 @@ class AdaptiveKVQuery:
             raise ValueError(f"adaptive KV selection needs a VecSetVAE-style geo_decoder (kv / embed_points / block / "
                              f"head); {type(vae).__name__} has none")
         k, v = geo.kv(tokens)  # [B, H, M, D] each, once per shape
+        device = tokens.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)  # gather half-size keys/values (qk-norm returns fp32)
+            k, v = k.to(dtype), v.to(dtype)
 
         def field(points: Tensor, counts: list[int], cells: Tensor | None = None) -> Tensor:
             """Values [N] at points [N, 3], shape-major (``counts`` per shape); ``cells`` [N, 3] integer grid

@@ -198,7 +198,7 @@ def decode_mesh(vae, latents: torch.Tensor, resolution: int = 256, bounds: Bound
     t0 = _clock(device)
     tokens = vae.decode(latents)
     t1 = _clock(device)
-    decoded = decoder(vae, tokens, resolution, box, level=level) if takes_level else decoder(vae, tokens, resolution, box)
+    decoded = decoder(vae, tokens, resolution, box, **({"level": level} if takes_level else {}))
     t2 = _clock(device)
     meshes = extractor(decoded, level)
     t3 = _clock(device)
