@@ -21,11 +21,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from fvdm.bench.results import record
-from fvdm.config import DataConfig, load_config
+from fvdm.config import DataConfig
 from fvdm.data.datamodule import ShapeDataModule
 from fvdm.data.sampling import SampleCounts
 from fvdm.data.synth import run_synth
@@ -37,8 +36,6 @@ from fvdm.decoding.mesh import decode_mesh, marching_cubes_torch
 from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.models.vae import flops_per_query
 from fvdm.stages.checkpoints import load_pretrained_vae, save_vae_checkpoint
-
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -92,32 +89,26 @@ def make_data(a: argparse.Namespace, cfg) -> None:
 def train_models(a: argparse.Namespace):
     """A ``preset`` VAE (stage vae), then its efficient decoder (stage decoder_ft from its checkpoint)."""
     from fvdm.models.vae import vae_preset
-    from fvdm.stages.decoder_ft import DecoderFinetune, DecoderFinetuneConfig
-    from fvdm.stages.vae import VAEStage, VAEStageConfig
-    from fvdm.train import build_trainer
+    from fvdm.bench.training import fit_capped, time_cap
+    from fvdm.stages.decoder_ft import DecoderFinetune
+    from fvdm.stages.vae import VAEStage
 
     cfg = vae_preset(a.preset)
     make_data(a, cfg)
     d = data_config(a, cfg)
-    cap = f"00:00:{int(a.train_minutes):02d}:{int((a.train_minutes % 1) * 60):02d}"
     common = [f"data.train={d.train}", f"data.val={d.val}", f"data.batch_size={d.batch_size}",
               f"data.num_surface={d.num_surface}", f"data.num_sharp={d.num_sharp}", f"data.num_vol={d.num_vol}",
               f"data.num_near={d.num_near}", f"data.num_workers={d.num_workers}", "data.shuffle_buffer=256",
-              f"run_root={a.run_root}", "trainer.max_steps=100000", f"trainer.max_time={cap}",
+              f"run_root={a.run_root}", "trainer.max_steps=100000", f"trainer.max_time={time_cap(a.train_minutes)}",
               f"trainer.precision={'bf16-mixed' if a.precision == 'bf16' else '32-true'}",
               "trainer.checkpoint_every_n_steps=1000000", "trainer.log_every_n_steps=50",
               "eval.every_n_steps=1000000", "eval.max_batches=1", "eval.num_mesh_shapes=1", "eval.resolution=64"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models, steps = [], []
-    for stage, schema, module_cls, extra in (
-            ("vae", VAEStageConfig, VAEStage, [f"vae_preset={a.preset}", f"optim.lr={a.lr}", "optim.warmup_steps=200"]),
-            ("decoder_ft", DecoderFinetuneConfig, DecoderFinetune, [f"init_from={a.run_root}/bench-decode-vae.ckpt"])):
-        run_cfg = load_config(schema, [str(EXPERIMENTS / f"{stage}.yaml")],
-                              [*common, f"name=bench-decode-{stage}", *extra, *a.overrides])
-        L.seed_everything(run_cfg.trainer.seed, workers=True)
-        module = module_cls(run_cfg)
-        trainer = build_trainer(run_cfg, logger=False)
-        trainer.fit(module, datamodule=module.datamodule())
+    for stage, module_cls, extra in (
+            ("vae", VAEStage, [f"vae_preset={a.preset}", f"optim.lr={a.lr}", "optim.warmup_steps=200"]),
+            ("decoder_ft", DecoderFinetune, [f"init_from={a.run_root}/bench-decode-vae.ckpt"])):
+        module, trainer = fit_capped(stage, module_cls, [*common, f"name=bench-decode-{stage}", *extra, *a.overrides])
         save_vae_checkpoint(module.vae, Path(a.run_root) / f"bench-decode-{stage}.ckpt")
         models.append(module.vae.to(device))  # fit() hands the model back on the CPU
         steps.append(trainer.global_step)

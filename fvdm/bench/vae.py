@@ -9,21 +9,16 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
-import lightning as L
 import torch
 
 from fvdm.bench.results import record
 from fvdm.callbacks.reconstruction import evaluate
-from fvdm.config import load_config
+from fvdm.bench.training import fit_capped, time_cap
 from fvdm.data.datamodule import ShapeDataModule
 from fvdm.data.sampling import SampleCounts
 from fvdm.data.synth import run_synth
-from fvdm.stages.vae import VAEStage, VAEStageConfig
-from fvdm.train import build_trainer
-
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+from fvdm.stages.vae import VAEStage
 
 
 def main(argv: list[str]) -> dict:
@@ -50,20 +45,18 @@ def main(argv: list[str]) -> dict:
     run_synth(a.data, num=a.shapes, seed=0, val_fraction=0.1, counts=counts, workers=a.workers, shard_size=64)
     synth_s = time.perf_counter() - t0
 
-    cap = f"00:00:{int(a.minutes) :02d}:{int((a.minutes % 1) * 60):02d}"
-    cfg = load_config(VAEStageConfig, [str(EXPERIMENTS / "vae.yaml")], [
+    t1 = time.perf_counter()
+    module, trainer = fit_capped("vae", VAEStage, [
         f"vae_preset={a.preset}", f"data.train={a.data}/train", f"data.val={a.data}/val",
         f"data.batch_size={a.batch_size}", f"data.num_surface={a.num_surface}", f"data.num_vol={a.num_points}",
         f"data.num_near={a.num_points}", f"data.num_workers={min(8, a.workers)}", "data.shuffle_buffer=256",
         f"run_root={a.run_root}", f"name=bench-vae-{a.preset}", f"trainer.max_steps={a.steps}",
-        f"trainer.max_time={cap}", f"trainer.precision={a.precision}", "trainer.checkpoint_every_n_steps=1000000",
+        f"trainer.max_time={time_cap(a.minutes)}", f"trainer.precision={a.precision}",
+        "trainer.checkpoint_every_n_steps=1000000",
         "trainer.log_every_n_steps=50", f"optim.lr={a.lr}", "optim.warmup_steps=200", "eval.every_n_steps=1000000",
+        "eval.max_batches=1", "eval.num_mesh_shapes=1", "eval.resolution=64",  # the end-of-fit check stays cheap
         *a.overrides])
-    L.seed_everything(cfg.trainer.seed, workers=True)
-    module = VAEStage(cfg)
-    trainer = build_trainer(cfg, logger=False)
-    t1 = time.perf_counter()
-    trainer.fit(module, datamodule=module.datamodule())
+    cfg = module.cfg
     train_s = time.perf_counter() - t1
     steps = trainer.global_step
 
