@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="benchmarks writing to benchmarks/results.json")
-    p.add_argument("what", choices=["data", "vae", "decode"])
+    p.add_argument("what", choices=["data", "vae", "decode", "query"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 

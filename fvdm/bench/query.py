@@ -1,0 +1,49 @@
+"""``fvdm bench query``: geo-decoder query throughput (points/s) of a preset, standard and efficient, under bf16
+autocast and with bf16 weights, over several chunk sizes. Random weights: throughput does not depend on them."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from fvdm.bench.results import record
+from fvdm.models.vae import VecSetVAE, vae_preset
+
+
+def rate(vae: VecSetVAE, tokens: torch.Tensor, points: torch.Tensor, chunk: int, autocast: bool) -> float:
+    """Million query points per second for one timed pass after a warm-up."""
+    with torch.no_grad(), torch.autocast(points.device.type, dtype=torch.bfloat16, enabled=autocast):
+        vae.query(tokens, points[:, :chunk], chunk_size=chunk)
+        if points.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        vae.query(tokens, points, chunk_size=chunk)
+        if points.is_cuda:
+            torch.cuda.synchronize()
+    return points.shape[1] / (time.perf_counter() - start) / 1e6
+
+
+def main(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="fvdm bench query")
+    p.add_argument("--preset", default="large")
+    p.add_argument("--points", type=int, default=1 << 23)
+    p.add_argument("--chunks", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--results", default="benchmarks/results.json")
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    rows = []
+    for efficient in (False, True):
+        cfg = dataclasses.replace(vae_preset(a.preset, efficient=efficient), with_encoder=False)
+        vae = VecSetVAE(cfg).to(a.device).eval()
+        tokens = torch.randn(1, cfg.num_latents, cfg.width, device=a.device)
+        points = torch.rand(1, a.points, 3, device=a.device) * 2 - 1
+        for weights in ("fp32+autocast", "bf16"):
+            model, tok = (vae, tokens) if weights == "fp32+autocast" else (vae.to(torch.bfloat16), tokens.bfloat16())
+            for chunk in a.chunks:
+                mqps = rate(model, tok, points, chunk, autocast=weights == "fp32+autocast")
+                rows.append({"efficient": efficient, "weights": weights, "chunk": chunk, "m_queries_per_s": mqps})
+                print(f"efficient={efficient!s:5} {weights:13s} chunk={chunk:8d} {mqps:7.1f} M queries/s")
+    return record("query", {"preset": a.preset, "points": a.points, "rows": rows}, path=a.results)
