@@ -15,6 +15,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"  # the shipped stage configs and presets
+
+
 class ConfigError(ValueError):
     """A configuration problem, always naming the offending key and where it came from."""
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fvdm.config import EXPERIMENTS
 from fvdm.data.sampling import SampleCounts
 from fvdm.data.synth import run_synth
 from fvdm.train import train
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 QUICK_COUNTS = SampleCounts(surface=4096, sharp=1024, vol=16384, near=16384, renders=2, render_size=128)
 NUM_SHAPES = 240
 METRICS = ("val/v_iou", "val/v_iou_baseline", "val/s_iou", "val/s_iou_baseline", "val/chamfer", "val/decode_ms")

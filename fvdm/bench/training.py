@@ -1,15 +1,12 @@
 """Time-capped stage training shared by the benchmarks that train their own models."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
 
-from fvdm.config import load_config
+from fvdm.config import EXPERIMENTS, load_config
 from fvdm.train import build_trainer
-
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def time_cap(minutes: float) -> str:
