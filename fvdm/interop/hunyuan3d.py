@@ -16,12 +16,15 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from fvdm.models.conditioner import (ConditionerConfig, DinoConfig, ImageConditioner, build_conditioner,
+                                     dinov2_from_legacy, dinov2_to_legacy)
+from fvdm.models.dit import DiTConfig, FlowDiT
 from fvdm.models.vae import VAEConfig, VecSetVAE
 
 HY2_TARGET = "hy3dgen.shapegen.models.ShapeVAE"  # Hunyuan3D-2 / -2mini / -2mv VAE folders
@@ -74,13 +77,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def write_released(out_dir: str | Path, target: str, params: dict[str, Any], state: dict[str, torch.Tensor],
+def write_released(out_dir: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor],
                    dtype: torch.dtype) -> Path:
     """Write ``config.yaml`` and the weights (``model.fp16.safetensors`` for fp16, as released, else
     ``model.safetensors``) into ``out_dir``; returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump({"target": target, "params": params}, sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     name = "model.fp16.safetensors" if dtype == torch.float16 else "model.safetensors"
     save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(out / name))
     return out
@@ -273,4 +276,204 @@ def export_vae(vae: VecSetVAE, out_dir: str | Path, dtype: torch.dtype = torch.f
                target: str = HY2_TARGET) -> Path:
     """Write ``vae`` as a released folder (config.yaml + weights) that the Hunyuan3D-2 code loads strictly and
     evaluates to the same field with its sign (positive inside). ``target``: HY2_TARGET or HY21_TARGET."""
-    return write_released(out_dir, target, released_vae_params(vae), released_vae_state(vae), dtype)
+    return write_released(out_dir, {"target": target, "params": released_vae_params(vae)}, released_vae_state(vae),
+                          dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DiT bundles (Hunyuan3DDiT + ShapeVAE + image conditioner)
+# ---------------------------------------------------------------------------------------------------------
+
+DIT_TARGET = "hy3dgen.shapegen.models.Hunyuan3DDiT"
+CONDITIONER_TARGET = "hy3dgen.shapegen.models.SingleImageEncoder"
+EULER_SCHEDULER = {"target": "hy3dgen.shapegen.schedulers.FlowMatchEulerDiscreteScheduler",
+                   "params": {"num_train_timesteps": 1000}}
+IMAGE_PROCESSOR = {"target": "hy3dgen.shapegen.preprocessors.ImageProcessorV2",
+                   "params": {"size": 512, "border_ratio": 0.15}}
+PIPELINE = {"target": "hy3dgen.shapegen.pipelines.Hunyuan3DDiTFlowMatchingPipeline"}
+BUNDLE_PARTS = ("model", "vae", "conditioner")  # config sections and key prefixes of a bundle
+_DIT_FIELDS = ("in_channels", "context_in_dim", "hidden_size", "mlp_ratio", "num_heads", "depth",
+               "depth_single_blocks", "qkv_bias", "guidance_embed")  # released params = DiTConfig fields
+_DIT_INERT = {"theta": None, "time_factor": 1000}  # accepted value (None: any); positional encoding is unused
+
+
+class DiTBundle(NamedTuple):
+    """What a released DiT folder holds: the DiT, and the VAE and conditioner when their parts are present."""
+
+    dit: FlowDiT
+    vae: Optional[VecSetVAE]
+    conditioner: Optional[ImageConditioner]
+    config: dict[str, Any]  # the whole config.yaml (scheduler and image-processor sections included)
+
+
+def _bundle_files(path: Path) -> tuple[dict[str, Any], Path]:
+    folder = path.parent if path.is_file() else path
+    config_file = folder / "config.yaml"
+    if not config_file.is_file():
+        raise InteropError(f"{config_file}: missing (a released DiT folder has config.yaml beside the weights)")
+    try:
+        config = yaml.safe_load(config_file.read_text())
+    except yaml.YAMLError as e:
+        raise InteropError(f"{config_file}: cannot parse YAML: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
+            or not isinstance(config["model"].get("params"), dict):
+        raise InteropError(f"{config_file}: expected a 'model' section with 'params' (a DiT bundle config)")
+    if path.is_file():
+        return config, path
+    found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not found:
+        raise InteropError(f"{path}: no weights file (looked for {', '.join(WEIGHT_FILES)})")
+    return config, found[0]
+
+
+def _bundle_state(weights: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{part: state dict} from prefixed safetensors keys or a ``.ckpt`` dict of state dicts."""
+    if weights.suffix == ".safetensors":
+        flat = read_state_dict(weights)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in flat.items():
+            part, _, rest = key.partition(".")
+            if part not in BUNDLE_PARTS or not rest:
+                raise InteropError(f"{weights}: key '{key}' has no model./vae./conditioner. prefix")
+            parts.setdefault(part, {})[rest] = t
+        return parts
+    try:
+        raw = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise InteropError(f"{weights}: cannot read weights: {e}") from e
+    if not isinstance(raw, Mapping) or not set(raw) <= set(BUNDLE_PARTS) or \
+            not all(isinstance(sd, Mapping) for sd in raw.values()):
+        raise InteropError(f"{weights}: expected a dict of state dicts under {', '.join(BUNDLE_PARTS)}")
+    return {part: dict(sd) for part, sd in raw.items()}
+
+
+def dit_config_from_params(params: Mapping[str, Any], source: str) -> DiTConfig:
+    """``DiTConfig`` from a released ``model.params`` block; every field is required."""
+    unknown = params.keys() - set(_DIT_FIELDS) - _DIT_INERT.keys() - {"axes_dim"}
+    missing = [k for k in _DIT_FIELDS if k not in params and k != "guidance_embed"]
+    if unknown or missing:
+        raise InteropError(f"{source}: model.params " + "; ".join(
+            ([f"unknown keys: {_listing(unknown)}"] if unknown else []) +
+            ([f"missing keys: {', '.join(missing)}"] if missing else [])))
+    for key, accepted in _DIT_INERT.items():
+        if key in params and accepted is not None and params[key] != accepted:
+            raise InteropError(f"{source}: model.params.{key} = {params[key]!r} is not supported (fvdm computes "
+                               f"{accepted!r})")
+    kwargs = {}
+    for key in _DIT_FIELDS:
+        kind = type(DiTConfig.__dataclass_fields__[key].default)
+        kwargs[key] = _typed(params.get(key, False), kind, f"{source}: model.params.{key}")
+    cfg = DiTConfig(**kwargs)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise InteropError(f"{source}: {e}") from e
+    head_dim = cfg.hidden_size // cfg.num_heads
+    if "axes_dim" in params and sum(params["axes_dim"]) != head_dim:
+        raise InteropError(f"{source}: model.params.axes_dim {params['axes_dim']} must sum to the head dim {head_dim}")
+    return cfg
+
+
+def _conditioner_config(section: Mapping[str, Any], source: str) -> ConditionerConfig:
+    """The DINOv2 ``ConditionerConfig`` of a released ``conditioner`` section."""
+    main = (section.get("params") or {}).get("main_image_encoder") or {}
+    if main.get("type") != "DinoImageEncoder":
+        raise InteropError(f"{source}: conditioner main_image_encoder type {main.get('type')!r} is not supported "
+                           "(fvdm loads DinoImageEncoder)")
+    kwargs = main.get("kwargs") or {}
+    unknown = kwargs.keys() - {"config", "image_size", "use_cls_token"}
+    if unknown:
+        raise InteropError(f"{source}: conditioner kwargs: unknown keys {_listing(unknown)}")
+    dino = DinoConfig(config=dict(kwargs.get("config") or {}), image_size=int(kwargs.get("image_size", 518)),
+                      use_cls_token=bool(kwargs.get("use_cls_token", True)))
+    return ConditionerConfig(kind="dinov2", dinov2=dino)
+
+
+def _dino_keys(state: Mapping[str, torch.Tensor], convert) -> dict[str, torch.Tensor]:
+    """Apply a DINOv2 key-layout conversion under the conditioner's ``main_image_encoder.model.`` prefix.
+    The released bundles use the transformers 4.x names; fvdm's encoder is built by transformers 5."""
+    prefix = "main_image_encoder.model."
+    inner = convert({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+    return {**{k: v for k, v in state.items() if not k.startswith(prefix)}, **{prefix + k: v for k, v in inner.items()}}
+
+
+def load_dit_bundle(path: str | Path, dinov2_weights: str | Path | None = None) -> DiTBundle:
+    """Everything a released Hunyuan3D-2 DiT folder (or its weights file) holds. Only the ``model`` part is
+    required; ``vae`` loads through the VAE importer and ``conditioner`` into the DINOv2 conditioner when their
+    keys are present. A bundle stripped of its image encoder takes it from ``dinov2_weights`` (a local
+    Dinov2Model state dict or ``save_pretrained`` folder) when given. Strict key coverage within each part."""
+    path = Path(path)
+    if not path.exists():
+        raise InteropError(f"{path}: no such file or folder")
+    config, weights = _bundle_files(path)
+    parts = _bundle_state(weights)
+    source = str(weights)
+    if "model" not in parts:
+        raise InteropError(f"{source}: no model.* keys (not a DiT bundle)")
+    cfg = dit_config_from_params(config["model"]["params"], source)
+    with torch.device("meta"):
+        dit = FlowDiT(cfg)
+    check_state({k: t.shape for k, t in dit.state_dict().items()}, parts["model"], f"{source} (model part)")
+    dit.to_empty(device="cpu")
+    dit.load_state_dict(parts["model"])
+    vae = None
+    if "vae" in parts:
+        if not isinstance((config.get("vae") or {}).get("params"), dict):
+            raise InteropError(f"{source}: vae.* keys but no vae section with params in config.yaml")
+        vae = vae_from_released(config["vae"]["params"], parts["vae"], f"{source} (vae part)")
+    conditioner = None
+    if "conditioner" in parts or dinov2_weights is not None:
+        if not isinstance(config.get("conditioner"), dict):
+            raise InteropError(f"{source}: conditioner weights but no conditioner section in config.yaml")
+        cond_cfg = _conditioner_config(config["conditioner"], source)
+        if "conditioner" in parts:
+            conditioner = build_conditioner(cond_cfg)
+            state = _dino_keys(parts["conditioner"], dinov2_from_legacy)
+            check_state({k: t.shape for k, t in conditioner.state_dict().items()}, state,
+                        f"{source} (conditioner part)")
+            conditioner.load_state_dict(state)
+        else:
+            cond_cfg.dinov2.weights = str(dinov2_weights)
+            conditioner = build_conditioner(cond_cfg)
+    return DiTBundle(dit, vae, conditioner, config)
+
+
+def load_dit(path: str | Path) -> FlowDiT:
+    """The ``FlowDiT`` of a released Hunyuan3D-2 DiT folder (see :func:`load_dit_bundle` for the other parts)."""
+    return load_dit_bundle(path).dit
+
+
+def released_dit_params(dit: FlowDiT) -> dict[str, Any]:
+    cfg = dit.cfg
+    params = {k: getattr(cfg, k) for k in _DIT_FIELDS}
+    params["axes_dim"] = [cfg.hidden_size // cfg.num_heads]
+    params["theta"] = 10000
+    return params
+
+
+def export_dit(dit: FlowDiT, out_dir: str | Path, vae: VecSetVAE | None = None,
+               conditioner: ImageConditioner | None = None, dtype: torch.dtype = torch.float16,
+               scheduler: Mapping[str, Any] | None = None) -> Path:
+    """Write a released-layout DiT bundle (config.yaml + ``model[.fp16].safetensors`` with ``model.``, ``vae.``,
+    ``conditioner.`` keys) that the public Hunyuan3D-2 pipeline loads. The conditioner part is written for a
+    DINOv2 conditioner only (the public code has no class for fvdm's small encoder); ``scheduler`` defaults to
+    the Euler flow-matching scheduler of the base models."""
+    config: dict[str, Any] = {"model": {"target": DIT_TARGET, "params": released_dit_params(dit)}}
+    state = {f"model.{k}": t for k, t in dit.state_dict().items()}
+    if vae is not None:
+        config["vae"] = {"target": HY2_TARGET, "params": released_vae_params(vae)}
+        state.update({f"vae.{k}": t for k, t in released_vae_state(vae).items()})
+    if conditioner is not None:
+        if conditioner.cfg.kind != "dinov2":
+            raise InteropError(f"cannot export a '{conditioner.cfg.kind}' conditioner: the public Hunyuan3D-2 code "
+                               "loads DINOv2 image encoders only (export without it)")
+        d = conditioner.cfg.dinov2
+        kwargs = {"config": dict(d.config), "image_size": d.image_size, "use_cls_token": d.use_cls_token}
+        config["conditioner"] = {"target": CONDITIONER_TARGET,
+                                 "params": {"main_image_encoder": {"type": "DinoImageEncoder", "kwargs": kwargs}}}
+        legacy = _dino_keys(conditioner.state_dict(), dinov2_to_legacy)
+        state.update({f"conditioner.{k}": t for k, t in legacy.items()})
+    config["scheduler"] = dict(scheduler or EULER_SCHEDULER)
+    config["image_processor"] = IMAGE_PROCESSOR
+    config["pipeline"] = PIPELINE
+    return write_released(out_dir, config, state, dtype)
