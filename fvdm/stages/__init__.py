@@ -8,6 +8,8 @@ from fvdm.config import ConfigError
 STAGES = {
     "vae": "fvdm.stages.vae:VAEStage",
     "decoder_ft": "fvdm.stages.decoder_ft:DecoderFinetune",
+    "flow": "fvdm.stages.flow:FlowStage",
+    "guidance": "fvdm.stages.guidance:GuidanceDistillation",
 }
 
 

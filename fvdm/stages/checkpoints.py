@@ -56,3 +56,42 @@ def save_vae_checkpoint(vae, path: str | Path) -> Path:
     torch.save({CONFIG_KEY: to_yaml(cfg), VAE_CONFIG_KEY: dataclasses.asdict(vae.cfg),
                 "state_dict": {f"vae.{k}": v for k, v in vae.state_dict().items()}}, str(path))
     return path
+
+
+def load_diffusion(path: str | Path):
+    """(dit, vae, conditioner) from a diffusion-stage checkpoint (``.ckpt``) or a released Hunyuan3D-2 DiT
+    folder carrying its VAE and image-encoder parts."""
+    from omegaconf import OmegaConf
+
+    from fvdm.models.conditioner import ConditionerConfig, build_conditioner
+    from fvdm.models.dit import DiTConfig, FlowDiT
+    from fvdm.models.vae import VAEConfig, VecSetVAE
+    from fvdm.stages.diffusion import CONDITIONER_CONFIG_KEY, DIT_CONFIG_KEY
+    from fvdm.stages.vae import VAE_CONFIG_KEY
+
+    path = Path(path)
+    if path.is_dir():
+        from fvdm.interop.hunyuan3d import load_dit_bundle
+
+        bundle = load_dit_bundle(path)
+        absent = [name for name in ("vae", "conditioner") if getattr(bundle, name) is None]
+        if absent:
+            raise ConfigError(f"init_from: {path} has no {' or '.join(absent)} part; the stages need the bundle "
+                              "with its VAE and image encoder")
+        return bundle.dit, bundle.vae, bundle.conditioner
+    if not path.is_file():
+        raise ConfigError(f"init_from: {path} is neither a checkpoint file nor a Hunyuan3D-2 DiT folder")
+    ckpt = read_checkpoint(path)
+    if DIT_CONFIG_KEY not in ckpt:
+        raise ConfigError(f"{path}: checkpoint holds no DiT (written by a stage before the diffusion stages?)")
+    state = ckpt["state_dict"]
+    dit = FlowDiT(DiTConfig(**ckpt[DIT_CONFIG_KEY]))
+    dit.load_state_dict(submodule_state(state, "dit"))
+    vae = VecSetVAE(VAEConfig(**ckpt[VAE_CONFIG_KEY]))
+    vae.load_state_dict(submodule_state(state, "vae"))
+    cond_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ConditionerConfig),
+                                                   ckpt[CONDITIONER_CONFIG_KEY]))
+    cond_cfg.dinov2.weights = None  # the weights come from this checkpoint
+    conditioner = build_conditioner(cond_cfg)
+    conditioner.load_state_dict(submodule_state(state, "conditioner"))
+    return dit, vae, conditioner

@@ -1,0 +1,124 @@
+"""``guidance`` stage (paper 3.3, guidance distillation warm-up): a student learns the teacher's
+classifier-free-guided velocity in one pass, with the guidance scale w as an input.
+
+The student starts as a copy of the teacher plus a guidance embedding whose output layer is zero, so at step
+0 it computes exactly the teacher's conditional velocity for every w (the released models do not say how
+theirs was initialised; this is fvdm's choice, and it means training starts from a working model). Per sample
+w ~ U[guidance_min, guidance_max]; the target v_u + w (v_c - v_u) comes from one doubled teacher batch.
+Teacher, conditioner and VAE are frozen, in eval mode, and outside the optimizer.
+
+Evaluation reports the student's velocity error against the teacher's guided velocity per timestep band
+(relative L2), and the occupancy IoU between the student's and the teacher's ``eval.steps``-step meshes
+sampled from the same noise (and each against the ground truth).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import MISSING
+
+from fvdm.config import ConfigError, RunConfig
+from fvdm.flow import TimestepSampling, interpolate, sample_timesteps
+from fvdm.metrics.reconstruction import OccupancyIoU
+from fvdm.sampler import euler_sample, guided_velocity
+from fvdm.stages.base import OptimConfig, build_optimizer
+from fvdm.stages.checkpoints import load_diffusion
+from fvdm.stages.diffusion import GenerationEvalConfig, LatentDiffusionStage, mean_metrics, occupancy_iou
+
+TIME_BANDS = 5  # velocity error is reported on [0, 0.2), [0.2, 0.4), ... [0.8, 1)
+
+
+@dataclass
+class GuidanceStageConfig(RunConfig):
+    stage: str = "guidance"
+    init_from: str = MISSING  # flow checkpoint or released Hunyuan3D-2 DiT bundle without guidance embedding
+    guidance_min: float = 2.0
+    guidance_max: float = 8.0
+    timesteps: TimestepSampling = field(default_factory=TimestepSampling)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, eps=1e-6, weight_decay=0.01))
+    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+
+
+class GuidanceDistillation(LatentDiffusionStage):
+    """Student ``dit`` (with guidance embedding) regresses the frozen ``teacher``'s guided velocity."""
+
+    Config = GuidanceStageConfig
+
+    def __init__(self, cfg: GuidanceStageConfig):
+        super().__init__(cfg)
+        cfg.timesteps.validate()
+        if not 0 < cfg.guidance_min <= cfg.guidance_max:
+            raise ConfigError(f"guidance_min/guidance_max: need 0 < min <= max, got {cfg.guidance_min}, "
+                              f"{cfg.guidance_max}")
+        teacher, self.vae, self.conditioner = load_diffusion(cfg.init_from)
+        if teacher.cfg.guidance_embed:
+            raise ConfigError(f"init_from: {cfg.init_from} already has a guidance embedding; guidance "
+                              "distillation starts from a CFG teacher")
+        self.dit = copy.deepcopy(teacher)
+        self.dit.add_guidance_embedding()
+        self.teacher = teacher
+        self.freeze_frozen()
+        self.band_error = mean_metrics([f"val/vel_rel_err_t{i}" for i in range(TIME_BANDS)])
+        self.student_vs_teacher, self.student_iou, self.teacher_iou = OccupancyIoU(), OccupancyIoU(), OccupancyIoU()
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        return [self.vae, self.conditioner, self.teacher]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.dit.parameters() if p.requires_grad]
+        return build_optimizer(params, self.cfg.optim, self.cfg.trainer.max_steps)
+
+    @torch.no_grad()
+    def teacher_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                         w: torch.Tensor) -> torch.Tensor:
+        """The teacher's guided velocity v_u + w (v_c - v_u) (one doubled batch)."""
+        uncond = self.conditioner.unconditional(cond.shape[0], cond.device, cond.dtype)
+        return guided_velocity(self.teacher, x, t, cond, uncond, w)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x1 = self.clean_latents(batch)
+        cond = self.condition(batch)
+        b = x1.shape[0]
+        t = sample_timesteps(b, self.cfg.timesteps, device=x1.device)
+        w = torch.empty(b, device=x1.device).uniform_(self.cfg.guidance_min, self.cfg.guidance_max)
+        x_t = interpolate(x1, torch.randn_like(x1), t)
+        target = self.teacher_velocity(x_t, t, cond, w)
+        loss = F.mse_loss(self.dit(x_t, t, cond, guidance=w).float(), target.float())
+        self.log("train/loss", loss, batch_size=b)
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=b)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        e = self.cfg.eval
+        if e.max_batches is not None and batch_idx >= e.max_batches:
+            return
+        x1 = self.clean_latents(batch)
+        cond = self.condition(batch)
+        b = x1.shape[0]
+        noise = self.eval_noise(batch_idx, x1)
+        w = torch.full((b,), e.guidance, device=x1.device)
+        for band in range(TIME_BANDS):  # one t per sample inside the band, from a fixed generator
+            g = torch.Generator().manual_seed(e.seed + 1000 * band + batch_idx)
+            t = ((band + torch.rand(b, generator=g)) / TIME_BANDS).to(x1.device)
+            x_t = interpolate(x1, noise, t)
+            target = self.teacher_velocity(x_t, t, cond, w).float()
+            err = (self.dit(x_t, t, cond, guidance=w).float() - target).flatten(1).norm(dim=1)
+            metric = self.band_error[f"val__vel_rel_err_t{band}"]
+            metric.update(err / target.flatten(1).norm(dim=1).clamp(min=1e-12))
+            self.log_metric(f"val/vel_rel_err_t{band}", metric, b)
+        uncond = self.conditioner.unconditional(b, cond.device, cond.dtype)
+        student = euler_sample(self.dit, noise, cond, None, steps=e.steps, guidance=e.guidance)
+        teacher = euler_sample(self.teacher, noise, cond, uncond, steps=e.steps, guidance=e.guidance)
+        points, sdf = batch["vol"][..., :3], batch["vol"][..., 3]
+        teacher_sdf = self.vae.query(self.vae.decode(teacher / self.vae.scale_factor), points)
+        occupancy_iou(self.vae, student, points, teacher_sdf, self.student_vs_teacher)
+        occupancy_iou(self.vae, student, points, sdf, self.student_iou)
+        self.teacher_iou.update(teacher_sdf.float(), sdf.float())
+        self.log_metric("val/student_teacher_v_iou", self.student_vs_teacher, b)
+        self.log_metric("val/gen_v_iou", self.student_iou, b)
+        self.log_metric("val/teacher_gen_v_iou", self.teacher_iou, b)
+
