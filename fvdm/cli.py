@@ -82,6 +82,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from fvdm.generate import sample_meshes
+
+    sample_meshes(args.checkpoint, args.image, args.out, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                  resolution=args.resolution, method=args.method, device=args.device)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -151,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="weights dtype for hunyuan3d")
     p.add_argument("--target", choices=["hy2", "hy21"], default="hy2", help="config target class to write")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("sample", help="meshes from condition images with a diffusion checkpoint")
+    p.add_argument("--checkpoint", required=True, help="flow/guidance checkpoint (.ckpt) or Hunyuan3D-2 DiT folder")
+    p.add_argument("--image", required=True, nargs="+", help="condition images (RGB on white, or RGBA)")
+    p.add_argument("--out", default="samples", help="directory for the PLY meshes")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps (= model evaluations)")
+    p.add_argument("--guidance", type=float, default=5.0, help="guidance scale w")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=256, help="marching-cubes resolution")
+    p.add_argument("--method", choices=["auto", "dense", "hierarchical", "flash"], default="auto")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="benchmarks writing to benchmarks/results.json")
     p.add_argument("what", choices=["data", "vae", "decode", "query"])
