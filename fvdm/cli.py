@@ -82,6 +82,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_latents(args: argparse.Namespace) -> int:
+    import json
+
+    from fvdm.data.latents import cache_latents
+
+    index = cache_latents(args.vae, args.data, args.out, batch_size=args.batch_size, num_surface=args.num_surface,
+                          num_sharp=args.num_sharp, scale=args.scale, scale_shapes=args.scale_shapes,
+                          device=args.device, shard_size=args.shard_size)
+    print(json.dumps(index, indent=1))
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from fvdm.generate import sample_meshes
 
@@ -159,6 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="weights dtype for hunyuan3d")
     p.add_argument("--target", choices=["hy2", "hy21"], default="hy2", help="config target class to write")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("cache-latents", help="encode shards once with a frozen VAE into latent shards")
+    p.add_argument("--vae", required=True, help="vae/decoder_ft checkpoint or Hunyuan3D-2 VAE folder with an encoder")
+    p.add_argument("--data", required=True, help="shape shards: path, directory or brace pattern")
+    p.add_argument("--out", required=True, help="output directory (latents-*.tar and latents.json)")
+    p.add_argument("--scale", default="auto", help="auto (1 / std of the first shapes' latents), vae, or a number")
+    p.add_argument("--scale-shapes", type=int, default=256, help="shapes the auto scale is estimated on")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-surface", type=int, default=20480, help="encoder input points (the VAE's pools win)")
+    p.add_argument("--num-sharp", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=256, help="shapes per latent shard")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_cache_latents)
 
     p = sub.add_parser("sample", help="meshes from condition images with a diffusion checkpoint")
     p.add_argument("--checkpoint", required=True, help="flow/guidance checkpoint (.ckpt) or Hunyuan3D-2 DiT folder")

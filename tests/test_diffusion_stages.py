@@ -142,3 +142,31 @@ def test_sample_cli_writes_meshes(flow_run, synth_data, tmp_path):
     assert main(["sample", "--checkpoint", str(flow_run / "flow" / "checkpoints" / "last.ckpt"), "--image",
                  str(image), "--out", str(out), "--steps", "2", "--resolution", "16", "--device", "cpu"]) == 0
     assert (out / "view.ply").is_file()
+
+
+def test_cache_latents_feeds_the_flow_stage(synth_data, vae_ckpt, tmp_path):
+    from fvdm.config import DataConfig
+    from fvdm.data.datamodule import ShapeDataModule
+    from fvdm.data.latents import read_index
+
+    out = tmp_path / "latents"
+    assert main(["cache-latents", "--vae", str(vae_ckpt), "--data", str(synth_data / "train"), "--out", str(out),
+                 "--num-surface", "256", "--batch-size", "4", "--device", "cpu"]) == 0
+    index = read_index(out)
+    assert index["shapes"] == 9 and index["latent_shape"] == [32, 32] and index["scale_factor"] > 0
+    cfg = DataConfig(train="unused", val=str(synth_data / "val"), batch_size=3, num_workers=0)
+    batch = next(iter(ShapeDataModule(cfg, latents=str(out)).train_dataloader()))
+    assert batch["latents"].shape == (3, 32, 32) and batch["image"].shape[:2] == (3, 3)
+    assert "surface" not in batch
+    # cached latents are DiT-space: about unit variance after the estimated scale
+    assert 0.5 < float(batch["latents"].std()) < 2.0
+
+    run_root = tmp_path / "runs"
+    assert main(["train", *args(synth_data, run_root, "flow", f"vae_from={vae_ckpt}", f"latents={out}",
+                                "trainer.max_steps=2", "trainer.val_every_n_steps=2")]) == 0
+    _, vae, _ = load_diffusion(run_root / "flow" / "checkpoints" / "last.ckpt")
+    assert vae.scale_factor == index["scale_factor"]
+    # latents made by another VAE are refused
+    other = save_vae_checkpoint(VecSetVAE(VAEConfig(num_latents=32)), tmp_path / "other.ckpt")
+    assert main(["train", *args(synth_data, run_root, "flow", f"vae_from={other}", f"latents={out}", "name=x",
+                                "trainer.max_steps=1")]) == 2

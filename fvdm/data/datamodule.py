@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from fvdm.config import DataConfig
+from fvdm.data.latents import latent_example
 from fvdm.data.shards import MalformedSample, ShapeSample, ShardError, decode_sample, read_samples
 
 MIN_SEEN = 20  # samples a worker must have seen before the bad fraction can stop the run
@@ -206,10 +207,12 @@ def subsample(s: ShapeSample, cfg: DataConfig, rng: np.random.Generator) -> dict
 
 
 def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Examples -> a batch: float32 tensors stacked on dim 0, ``image`` as [B, 3, H, W] in [0, 1]."""
+    """Examples -> a batch: float32 tensors stacked on dim 0 (``surface``, ``vol``, ``near`` from shape shards,
+    ``latents`` from latent shards), ``image`` as [B, 3, H, W] in [0, 1]."""
     batch: dict[str, Any] = {"key": [e["key"] for e in examples]}
-    for name in ("surface", "vol", "near"):
-        batch[name] = torch.from_numpy(np.stack([e[name] for e in examples]))
+    for name in ("surface", "vol", "near", "latents"):
+        if name in examples[0]:
+            batch[name] = torch.from_numpy(np.stack([e[name] for e in examples]))
     if all("image" in e for e in examples):
         shapes = {e["image"].shape for e in examples}
         if len(shapes) > 1:
@@ -225,13 +228,15 @@ class ShapeStream(IterableDataset):
 
     ``rank``/``world`` are explicit so that several ranks can be simulated without a process group.
     ``images=False`` leaves the renders undecoded and batches without ``image`` (for stages that use none).
+    ``latents=True`` reads latent shards (``fvdm cache-latents``): batches carry ``latents`` drawn from each
+    shape's stored posterior instead of point fields.
     A worker's :class:`DataHealth` lives in its copy of this dataset (running counts across passes).
     """
 
     def __init__(self, urls: list[str], cfg: DataConfig, train: bool, rank: int = 0, world: int = 1,
-                 step_offset: int = 0, images: bool = True):
+                 step_offset: int = 0, images: bool = True, latents: bool = False):
         super().__init__()
-        self.urls, self.cfg, self.train, self.images = urls, cfg, train, images
+        self.urls, self.cfg, self.train, self.images, self.latents = urls, cfg, train, images, latents
         self.rank, self.world, self.step_offset = rank, world, step_offset
         self.shard_index = {u: i for i, u in enumerate(urls)}
         self.passes = 0
@@ -283,8 +288,11 @@ class ShapeStream(IterableDataset):
                 key_rng = rng if rng is not None else np.random.default_rng(
                     [self.cfg.seed, zlib.crc32(str(raw.get("__key__")).encode())])
                 raw = keep_one_render(raw, rng) if self.images else raw
-                sample = decode_sample(raw, with_renders=self.images, check_finite=False)  # finite: see take()
-                example = subsample(sample, self.cfg, key_rng)
+                if self.latents:
+                    example = latent_example(raw, key_rng, self.images)
+                else:
+                    sample = decode_sample(raw, with_renders=self.images, check_finite=False)  # finite: take()
+                    example = subsample(sample, self.cfg, key_rng)
             except MalformedSample as e:
                 self.health.add_bad(url, str(e))
                 continue
@@ -323,18 +331,20 @@ class ShapeDataModule(L.LightningDataModule):
     ones. The exact sample position inside shards and shuffle buffers is not restored.
 
     ``images=False`` skips decoding the renders (batches then carry no ``image``): for stages that use none.
+    ``latents``: latent shards (``fvdm cache-latents``) that the training stream reads instead of
+    ``cfg.train``; validation still reads ``cfg.val``, whose point samples the evaluation needs.
     """
 
-    def __init__(self, cfg: DataConfig, images: bool = True):
+    def __init__(self, cfg: DataConfig, images: bool = True, latents: Optional[str] = None):
         super().__init__()
-        self.cfg, self.images = cfg, images
+        self.cfg, self.images, self.latents = cfg, images, latents
         self.step_offset = 0
 
     def train_dataset(self, rank: Optional[int] = None, world: Optional[int] = None) -> ShapeStream:
         r, w = world_info()
-        urls = expand_shards(self.cfg.train, "data.train")
+        urls = expand_shards(self.latents, "latents") if self.latents else expand_shards(self.cfg.train, "data.train")
         return ShapeStream(urls, self.cfg, True, r if rank is None else rank, w if world is None else world,
-                           self.step_offset, self.images)
+                           self.step_offset, self.images, latents=bool(self.latents))
 
     def val_dataset(self, rank: Optional[int] = None, world: Optional[int] = None) -> ShapeStream:
         r, w = world_info()

@@ -46,7 +46,8 @@ class ShapeSample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _npy(a: np.ndarray) -> bytes:
+def npy_bytes(a: np.ndarray) -> bytes:
+    """``a`` as float32 ``.npy`` bytes (never pickled)."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()
@@ -62,7 +63,7 @@ def encode_sample(s: ShapeSample) -> dict[str, bytes]:
     """ShapeSample -> WebDataset member dict (``__key__`` plus one file per field)."""
     out: dict[str, Any] = {"__key__": s.key}
     for name in FIELDS:
-        out[f"{name}.npy"] = _npy(getattr(s, name))
+        out[f"{name}.npy"] = npy_bytes(getattr(s, name))
     for i, img in enumerate(s.renders):
         out[f"render_{i:02d}.png"] = _png(img)
     out["meta.json"] = json.dumps(s.meta, sort_keys=True).encode()
@@ -125,15 +126,20 @@ def decode_sample(d: dict[str, Any], with_renders: bool = True, check_finite: bo
         meta = json.loads(bytes(d["meta.json"])) if "meta.json" in d else {}
     except Exception as e:
         raise MalformedSample(f"sample {key}: meta.json unreadable: {e}") from e
-    renders = []
-    if with_renders:
-        for k in sorted(k for k in d if k.startswith("render_") and k.endswith(".png")):
-            try:
-                img = Image.open(io.BytesIO(d[k]))
-                renders.append(np.asarray(img if img.mode == "RGB" else img.convert("RGB")))
-            except Exception as e:
-                raise MalformedSample(f"sample {key}: {k} unreadable: {e}") from e
+    renders = decode_renders(d) if with_renders else []
     return ShapeSample(key=key, renders=renders, meta=meta, **arrays)
+
+
+def decode_renders(d: dict[str, Any]) -> list[np.ndarray]:
+    """The ``render_XX.png`` members of a raw sample as [H, W, 3] uint8 arrays; raises MalformedSample."""
+    renders = []
+    for k in sorted(k for k in d if k.startswith("render_") and k.endswith(".png")):
+        try:
+            img = Image.open(io.BytesIO(d[k]))
+            renders.append(np.asarray(img if img.mode == "RGB" else img.convert("RGB")))
+        except Exception as e:
+            raise MalformedSample(f"sample {d.get('__key__', '?')}: {k} unreadable: {e}") from e
+    return renders
 
 
 class ShardWriter:
@@ -159,18 +165,21 @@ class ShardWriter:
 
     def write(self, sample: ShapeSample) -> None:
         members = encode_sample(sample)
-        size = sum(len(v) for k, v in members.items() if k != "__key__")
+        del members["__key__"]
+        self.write_members(sample.key, members)
+
+    def write_members(self, key: str, members: dict[str, bytes]) -> None:
+        """Write one sample given as {member name without the key: bytes}."""
+        size = sum(len(v) for v in members.values())
         if self._tar is not None and (len(self._keys) >= self.max_count or self._bytes + size > self.max_bytes):
             self._close_shard()
         if self._tar is None:
             self._tar = tarfile.open(str(self._path()) + ".tmp", "w")
         for name, data in members.items():
-            if name == "__key__":
-                continue
-            info = tarfile.TarInfo(f"{sample.key}.{name}")
+            info = tarfile.TarInfo(f"{key}.{name}")
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             self._tar.addfile(info, io.BytesIO(data))
-        self._keys.append(sample.key)
+        self._keys.append(key)
         self._bytes += size
 
     def _close_shard(self) -> None:

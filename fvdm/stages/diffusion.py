@@ -13,7 +13,9 @@ from typing import Any, Optional
 import torch
 from torchmetrics import MeanMetric
 
+from fvdm.config import ConfigError
 from fvdm.data.datamodule import ShapeDataModule
+from fvdm.data.latents import read_index, vae_fingerprint
 from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.models.conditioner import ImageConditioner
 from fvdm.models.dit import FlowDiT
@@ -51,7 +53,17 @@ class LatentDiffusionStage(Stage):
     dit: FlowDiT
 
     def datamodule(self) -> ShapeDataModule:
-        return ShapeDataModule(self.cfg.data, images=True)
+        return ShapeDataModule(self.cfg.data, images=True, latents=self.cfg.latents)
+
+    def check_latent_cache(self) -> Optional[float]:
+        """With ``latents`` set: check the cache was made by this VAE and return its scale factor."""
+        if not self.cfg.latents:
+            return None
+        index = read_index(self.cfg.latents)
+        if index["vae_fingerprint"] != vae_fingerprint(self.vae):
+            raise ConfigError(f"latents: {self.cfg.latents} was encoded by another VAE ({index['vae']}); "
+                              "rerun fvdm cache-latents with this stage's VAE")
+        return float(index["scale_factor"])
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Modules held in eval mode without gradients (the VAE, a frozen conditioner, a teacher)."""
@@ -75,7 +87,10 @@ class LatentDiffusionStage(Stage):
 
     @torch.no_grad()
     def clean_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        """DiT-space data latents x1 = scale_factor * VAE latents [B, N, C] (posterior samples, frozen VAE)."""
+        """DiT-space data latents x1 = scale_factor * VAE latents [B, N, C] (posterior samples, frozen VAE);
+        batches from latent shards carry them ready."""
+        if "latents" in batch:
+            return batch["latents"]
         return self.vae.encode(batch["surface"]) * self.vae.scale_factor
 
     def condition(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -37,6 +37,8 @@ class FlowStageConfig(RunConfig):
     init_from: Optional[str] = None  # continue from a flow checkpoint or a released DiT bundle (then vae_from,
     #                                  dit and conditioner are taken from it and may be left unset)
     latent_scale: str = "auto"  # auto: 1 / std of the first batch's latents | vae: the VAE's stored value | a number
+    latents: Optional[str] = None  # latent shards from fvdm cache-latents (their scale factor wins) instead of
+    #                                encoding data.train at every step; validation still reads data.val
     dit_preset: Optional[str] = "tiny"  # tiny | mini | large: fills the dit section's defaults
     dit: DiTConfig = field(default_factory=DiTConfig)
     conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
@@ -70,8 +72,12 @@ class FlowStage(LatentDiffusionStage):
         if not self.vae.has_encoder:
             raise ConfigError("vae_from: a decoder-only VAE cannot make training latents; use one with an encoder")
         self.freeze_frozen()
-        self.register_buffer("scale_ready", torch.tensor(cfg.latent_scale != "auto" or bool(cfg.init_from)))
-        if cfg.latent_scale not in ("auto", "vae"):
+        cached_scale = self.check_latent_cache()
+        self.register_buffer("scale_ready", torch.tensor(cfg.latent_scale != "auto" or bool(cfg.init_from)
+                                                         or cached_scale is not None))
+        if cached_scale is not None:
+            self.vae.scale_factor = cached_scale
+        elif cfg.latent_scale not in ("auto", "vae"):
             try:
                 self.vae.scale_factor = float(cfg.latent_scale)
             except ValueError:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ TIME_BANDS = 5  # velocity error is reported on [0, 0.2), [0.2, 0.4), ... [0.8, 
 class GuidanceStageConfig(RunConfig):
     stage: str = "guidance"
     init_from: str = MISSING  # flow checkpoint or released Hunyuan3D-2 DiT bundle without guidance embedding
+    latents: Optional[str] = None  # latent shards from fvdm cache-latents instead of encoding data.train
     guidance_min: float = 2.0
     guidance_max: float = 8.0
     timesteps: TimestepSampling = field(default_factory=TimestepSampling)
@@ -62,6 +63,10 @@ class GuidanceDistillation(LatentDiffusionStage):
         self.dit.add_guidance_embedding()
         self.teacher = teacher
         self.freeze_frozen()
+        cached_scale = self.check_latent_cache()
+        if cached_scale is not None and cached_scale != self.vae.scale_factor:
+            raise ConfigError(f"latents: {cfg.latents} has scale factor {cached_scale}, the teacher was trained "
+                              f"with {self.vae.scale_factor}; cache them with --scale vae")
         self.band_error = mean_metrics([f"val/vel_rel_err_t{i}" for i in range(TIME_BANDS)])
         self.student_vs_teacher, self.student_iou, self.teacher_iou = OccupancyIoU(), OccupancyIoU(), OccupancyIoU()
 
