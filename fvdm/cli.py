@@ -69,14 +69,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from fvdm.interop.hunyuan3d import HY2_TARGET, HY21_TARGET, export_vae
-    from fvdm.stages.checkpoints import load_pretrained_vae, save_vae_checkpoint
+    from fvdm.interop.hunyuan3d import HY2_TARGET, HY21_TARGET, export_dit, export_vae
+    from fvdm.stages.checkpoints import holds_dit, load_diffusion, load_pretrained_vae, save_vae_checkpoint
 
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if holds_dit(args.src):
+        if args.to != "hunyuan3d":
+            raise ConfigError(f"{args.src}: a DiT converts --to hunyuan3d only (stages take a released DiT folder "
+                              "directly as init_from)")
+        dit, vae, conditioner = load_diffusion(args.src)
+        if conditioner.cfg.kind != "dinov2":
+            print(f"note: the '{conditioner.cfg.kind}' image encoder has no Hunyuan3D-2 counterpart and is left out")
+            conditioner = None
+        print(f"wrote {export_dit(dit, args.dst, vae=vae, conditioner=conditioner, dtype=dtype)}")
+        return 0
     vae = load_pretrained_vae(args.src)
     if args.to == "fvdm":
         print(f"wrote {save_vae_checkpoint(vae, args.dst)}")
     else:
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
         target = {"hy2": HY2_TARGET, "hy21": HY21_TARGET}[args.target]
         print(f"wrote {export_vae(vae, args.dst, dtype=dtype, target=target)}")
     return 0
@@ -164,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("convert", help="VAE checkpoints between fvdm and the released Hunyuan3D-2 layout")
-    p.add_argument("src", help="fvdm checkpoint (.ckpt) or Hunyuan3D-2 VAE folder")
+    p = sub.add_parser("convert", help="checkpoints between fvdm and the released Hunyuan3D-2 layout")
+    p.add_argument("src", help="fvdm checkpoint (.ckpt: a VAE, or a DiT with its VAE) or Hunyuan3D-2 VAE folder")
     p.add_argument("dst", help="output: a folder (--to hunyuan3d) or a .ckpt file (--to fvdm)")
     p.add_argument("--to", choices=["hunyuan3d", "fvdm"], required=True)
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="weights dtype for hunyuan3d")

@@ -170,3 +170,16 @@ def test_cache_latents_feeds_the_flow_stage(synth_data, vae_ckpt, tmp_path):
     other = save_vae_checkpoint(VecSetVAE(VAEConfig(num_latents=32)), tmp_path / "other.ckpt")
     assert main(["train", *args(synth_data, run_root, "flow", f"vae_from={other}", f"latents={out}", "name=x",
                                 "trainer.max_steps=1")]) == 2
+
+
+def test_convert_exports_a_diffusion_checkpoint_as_a_bundle(flow_run, tmp_path):
+    from fvdm.interop.hunyuan3d import load_dit_bundle
+
+    ckpt = flow_run / "flow" / "checkpoints" / "last.ckpt"
+    assert main(["convert", str(ckpt), str(tmp_path / "bundle"), "--to", "hunyuan3d", "--dtype", "fp32"]) == 0
+    bundle = load_dit_bundle(tmp_path / "bundle")
+    dit, vae, _ = load_diffusion(ckpt)
+    assert bundle.conditioner is None  # the small encoder has no released counterpart
+    assert all(torch.equal(a, b) for a, b in zip(bundle.dit.state_dict().values(), dit.state_dict().values()))
+    assert bundle.vae.scale_factor == vae.scale_factor
+    assert main(["convert", str(ckpt), str(tmp_path / "x.ckpt"), "--to", "fvdm"]) == 2

@@ -58,6 +58,19 @@ def save_vae_checkpoint(vae, path: str | Path) -> Path:
     return path
 
 
+def holds_dit(path: str | Path) -> bool:
+    """Whether ``path`` is a diffusion-stage checkpoint or a released DiT folder (else a VAE is expected)."""
+    from fvdm.stages.diffusion import DIT_CONFIG_KEY
+
+    path = Path(path)
+    if path.is_dir():
+        import yaml
+
+        config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else None
+        return isinstance(config, dict) and "model" in config
+    return path.is_file() and DIT_CONFIG_KEY in read_checkpoint(path)
+
+
 def load_diffusion(path: str | Path):
     """(dit, vae, conditioner) from a diffusion-stage checkpoint (``.ckpt``) or a released Hunyuan3D-2 DiT
     folder carrying its VAE and image-encoder parts."""
