@@ -108,7 +108,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fvdm.generate import sample_meshes
 
     sample_meshes(args.checkpoint, args.image, args.out, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                  resolution=args.resolution, method=args.method, device=args.device)
+                  resolution=args.resolution, method=args.method, device=args.device, grid=args.grid)
     return 0
 
 
@@ -201,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="samples", help="directory for the PLY meshes")
     p.add_argument("--steps", type=int, default=50, help="Euler steps (= model evaluations)")
     p.add_argument("--guidance", type=float, default=5.0, help="guidance scale w")
+    p.add_argument("--grid", choices=["auto", "euler", "phased", "turbo"], default="auto",
+                   help="step times: auto = phased for consistency students, turbo for released turbo bundles")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resolution", type=int, default=256, help="marching-cubes resolution")
     p.add_argument("--method", choices=["auto", "dense", "hierarchical", "flash"], default="auto")
@@ -208,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="benchmarks writing to benchmarks/results.json")
-    p.add_argument("what", choices=["data", "vae", "decode", "query"])
+    p.add_argument("what", choices=["data", "vae", "decode", "query", "quickstart"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 

@@ -29,11 +29,13 @@ def guided_velocity(dit: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cond
 
 @torch.no_grad()
 def euler_sample(dit: torch.nn.Module, noise: torch.Tensor, cond: torch.Tensor, uncond: Optional[torch.Tensor],
-                 steps: int = 50, guidance: float = 5.0, shift: float = 1.0) -> torch.Tensor:
-    """Integrate from ``noise`` [B, N, C] at t = 0 to data latents at t = 1 in ``steps`` guided Euler steps."""
-    grid = time_grid(steps, shift)
+                 steps: int = 50, guidance: float = 5.0, shift: float = 1.0,
+                 grid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Integrate from ``noise`` [B, N, C] at t = 0 to data latents at t = 1 in ``steps`` guided Euler steps
+    on the uniform (shifted) grid, or on ``grid`` (times from 0 to 1, e.g. ``fvdm.consistency.phased_grid``)."""
+    grid = time_grid(steps, shift) if grid is None else grid
     x = noise
-    for i in range(steps):
+    for i in range(len(grid) - 1):
         t = torch.full((x.shape[0],), float(grid[i]), device=x.device)
         v = guided_velocity(dit, x, t, cond, uncond, guidance)
         x = euler_step(x, v.to(x.dtype), float(grid[i]), float(grid[i + 1]))

@@ -183,3 +183,116 @@ def test_convert_exports_a_diffusion_checkpoint_as_a_bundle(flow_run, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(bundle.dit.state_dict().values(), dit.state_dict().values()))
     assert bundle.vae.scale_factor == vae.scale_factor
     assert main(["convert", str(ckpt), str(tmp_path / "x.ckpt"), "--to", "fvdm"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# consistency distillation
+# --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def guidance_ckpt(synth_data, flow_run, tmp_path_factory):
+    run_root = tmp_path_factory.mktemp("guidance")
+    assert main(["train", *args(synth_data, run_root, "guidance",
+                                f"init_from={flow_run / 'flow' / 'checkpoints' / 'last.ckpt'}",
+                                "trainer.max_steps=2", "trainer.val_every_n_steps=100")]) == 0
+    return run_root / "guidance" / "checkpoints" / "last.ckpt"
+
+
+def _consistency(synth_data, init_from, tmp_path, *extra):
+    from fvdm.stages.consistency import ConsistencyDistillation
+    from fvdm.train import resolve
+
+    cfg = resolve(args(synth_data, tmp_path, "consistency", f"init_from={init_from}", *extra))
+    return ConsistencyDistillation(cfg)
+
+
+def test_consistency_ema_update_is_the_formula(synth_data, guidance_ckpt, tmp_path):
+    stage = _consistency(synth_data, guidance_ckpt, tmp_path, "ema_decay=0.9")
+    with torch.no_grad():
+        for p in stage.dit.parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in stage.target.parameters()]
+    stage.update_target()
+    for old, new, student in zip(before, stage.target.parameters(), stage.dit.parameters()):
+        # the formula in float64, to float32 rounding
+        torch.testing.assert_close(new.double(), 0.9 * old.double() + 0.1 * student.double(), rtol=1e-6, atol=1e-7)
+        assert new.dtype == torch.float32 and not new.requires_grad
+
+
+def test_consistency_target_is_the_teacher_point_on_an_edge(synth_data, guidance_ckpt, tmp_path):
+    stage = _consistency(synth_data, guidance_ckpt, tmp_path)
+    grid = stage.cfg.grid
+    j = torch.tensor([19, 39, 99, 5])  # the first three step onto an edge
+    t, t_next, s = grid.times(j)
+    cond = torch.randn(4, stage.conditioner.num_tokens, stage.conditioner.out_dim)
+    x_t = torch.randn(4, 32, 32)
+    from fvdm.flow import euler_step
+    from fvdm.sampler import guided_velocity
+
+    _, y_target, _ = stage.edge_points(x_t, t, t_next, s, cond)
+    with torch.no_grad():
+        x_next = euler_step(x_t, guided_velocity(stage.teacher, x_t, t, cond, None, torch.full((4,), 5.0)),
+                            t, t_next)
+    assert torch.equal(y_target[:3], x_next[:3])
+    assert not torch.equal(y_target[3], x_next[3])
+
+
+def test_consistency_loss_is_zero_for_a_straight_line_teacher(synth_data, guidance_ckpt, tmp_path):
+    """A teacher with a constant velocity field integrates exactly; a student equal to it is consistent."""
+    stage = _consistency(synth_data, guidance_ckpt, tmp_path)
+    with torch.no_grad():
+        for net in (stage.teacher, stage.dit, stage.target):
+            net.final_layer.linear.weight.zero_()
+            net.final_layer.linear.bias.copy_(torch.linspace(-1, 1, net.cfg.in_channels))
+    x1 = torch.randn(4, 32, 32)
+    cond = torch.randn(4, stage.conditioner.num_tokens, stage.conditioner.out_dim)
+    loss, _ = stage.consistency_loss(x1, cond)
+    assert float(loss) < 1e-6
+
+
+def test_consistency_learns_on_a_fixed_batch_and_leaves_the_teacher(synth_data, guidance_ckpt, tmp_path):
+    from fvdm.data.datamodule import ShapeDataModule
+
+    stage = _consistency(synth_data, guidance_ckpt, tmp_path, "optim.lr=1e-3", "optim.warmup_steps=0",
+                         "loss=l2", "ema=false")
+    teacher = {k: v.clone() for k, v in stage.teacher.state_dict().items()}
+    batch = next(iter(ShapeDataModule(stage.cfg.data).train_dataloader()))
+    opt = stage.configure_optimizers()["optimizer"]
+    stage.train()
+    losses = []
+    for _ in range(25):
+        torch.manual_seed(3)  # same grid indices and noise: a fixed problem
+        loss = stage.training_step(batch, 0)
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is None for p in stage.teacher.parameters())
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(torch.equal(v, teacher[k]) for k, v in stage.teacher.state_dict().items())
+
+
+def test_consistency_chain_phase1_and_sampling(synth_data, guidance_ckpt, tmp_path):
+    """consistency (5 phases) -> phase-1 finetune, which keeps the original teacher; 2-step sampling."""
+    run_root = tmp_path / "runs"
+    assert main(["train", *args(synth_data, run_root, "consistency", f"init_from={guidance_ckpt}",
+                                "trainer.max_steps=2", "trainer.val_every_n_steps=2", "eval.student_steps=[1,5]",
+                                "eval.steps=3")]) == 0
+    _, run = run_of(run_root, "consistency")
+    for key in ("train/loss", "val/student_5step_iou_vs_teacher3", "val/teacher_1step_iou_vs_teacher3"):
+        assert key in run.data.metrics, key
+    first = run_root / "consistency" / "checkpoints" / "last.ckpt"
+    assert main(["train", str(EXP / "consistency.yaml"), str(EXP / "consistency_phase1.yaml"),
+                 *args(synth_data, run_root, "consistency", f"init_from={first}", "trainer.max_steps=1",
+                       "trainer.val_every_n_steps=100")[2:]]) == 0
+    from fvdm.stages.checkpoints import load_teacher
+
+    phase1 = run_root / "consistency_phase1" / "checkpoints" / "last.ckpt"
+    original = load_diffusion(guidance_ckpt)[0].state_dict()
+    kept = load_teacher(phase1).state_dict()
+    assert all(torch.equal(original[k], kept[k]) for k in original)
+    out = tmp_path / "meshes"
+    image = tmp_path / "white.png"
+    Image.fromarray(np.full((48, 48, 3), 255, np.uint8)).save(image)
+    assert main(["sample", "--checkpoint", str(phase1), "--image", str(image), "--out", str(out), "--steps", "2",
+                 "--resolution", "16", "--device", "cpu"]) == 0

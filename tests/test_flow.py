@@ -1,6 +1,7 @@
 """The flow-matching convention (fvdm.flow) and the Euler / CFG sampler (fvdm.sampler)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fvdm import flow
@@ -98,3 +99,12 @@ def test_euler_on_a_straight_path_is_exact():
 
     for steps in (1, 3, 50):
         torch.testing.assert_close(euler_sample(Oracle(), eps, torch.zeros(1, 1, 6), None, steps=steps), x1)
+
+
+def test_sampler_follows_a_given_grid():
+    from fvdm.consistency import phased_grid
+
+    dit = CountingDiT(_dit(guidance_embed=True))
+    cond = torch.randn(1, 3, 6)
+    euler_sample(dit, torch.randn(1, 5, 4), cond, None, guidance=5.0, grid=phased_grid(5, 5))
+    assert [ts[0] for _, ts in dit.calls] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])

@@ -10,6 +10,7 @@ STAGES = {
     "decoder_ft": "fvdm.stages.decoder_ft:DecoderFinetune",
     "flow": "fvdm.stages.flow:FlowStage",
     "guidance": "fvdm.stages.guidance:GuidanceDistillation",
+    "consistency": "fvdm.stages.consistency:ConsistencyDistillation",
 }
 
 

@@ -108,3 +108,24 @@ def load_diffusion(path: str | Path):
     conditioner = build_conditioner(cond_cfg)
     conditioner.load_state_dict(submodule_state(state, "conditioner"))
     return dit, vae, conditioner
+
+
+CONSISTENCY_STAGES = ("consistency", "adversarial")  # whose stored teacher is the distillation teacher
+
+
+def load_teacher(path: str | Path):
+    """The distillation teacher a stage starting from ``path`` uses: the stored teacher of a consistency or
+    adversarial checkpoint (so the phase-1 finetune keeps the original one), else the DiT at ``path``."""
+    import yaml
+
+    from fvdm.models.dit import DiTConfig, FlowDiT
+    from fvdm.stages.diffusion import TEACHER_CONFIG_KEY
+
+    path = Path(path)
+    if path.is_file():
+        ckpt = read_checkpoint(path)
+        if yaml.safe_load(ckpt[CONFIG_KEY]).get("stage") in CONSISTENCY_STAGES:
+            teacher = FlowDiT(DiTConfig(**ckpt[TEACHER_CONFIG_KEY]))
+            teacher.load_state_dict(submodule_state(ckpt["state_dict"], "teacher"))
+            return teacher
+    return load_diffusion(path)[0]

@@ -25,6 +25,7 @@ from fvdm.stages.vae import VAE_CONFIG_KEY
 
 DIT_CONFIG_KEY = "fvdm_dit_config"
 CONDITIONER_CONFIG_KEY = "fvdm_conditioner_config"
+TEACHER_CONFIG_KEY = "fvdm_teacher_config"  # the frozen teacher of guidance / consistency checkpoints
 
 
 @dataclass
@@ -84,6 +85,8 @@ class LatentDiffusionStage(Stage):
         checkpoint[VAE_CONFIG_KEY] = dataclasses.asdict(self.vae.cfg)
         checkpoint[DIT_CONFIG_KEY] = dataclasses.asdict(self.dit.cfg)
         checkpoint[CONDITIONER_CONFIG_KEY] = dataclasses.asdict(self.conditioner.cfg)
+        if isinstance(getattr(self, "teacher", None), FlowDiT):
+            checkpoint[TEACHER_CONFIG_KEY] = dataclasses.asdict(self.teacher.cfg)
 
     @torch.no_grad()
     def clean_latents(self, batch: dict[str, Any]) -> torch.Tensor:
