@@ -23,7 +23,8 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     return path if path.exists() else None
 
 
-def build_trainer(cfg: Any, logger: Any) -> L.Trainer:
+def build_trainer(cfg: Any, logger: Any, manual_optimization: bool = False) -> L.Trainer:
+    """The Trainer of a run; stages with manual optimization clip their own gradients."""
     t = cfg.trainer
     checkpoints = ModelCheckpoint(
         dirpath=cfg.run_dir / "checkpoints",
@@ -41,7 +42,7 @@ def build_trainer(cfg: Any, logger: Any) -> L.Trainer:
         num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=t.precision,
-        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_val=None if manual_optimization else t.gradient_clip_val,
         val_check_interval=t.val_every_n_steps,
         check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every_n_steps,
@@ -69,6 +70,6 @@ def train(args: Sequence[str], resume: bool = False) -> tuple[Any, L.Trainer]:
     start_run(logger, cfg, run_dir)
     module = stage_cls(cfg)
     datamodule = module.datamodule()
-    trainer = build_trainer(cfg, logger)
+    trainer = build_trainer(cfg, logger, manual_optimization=not module.automatic_optimization)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     return module, trainer

@@ -11,6 +11,7 @@ STAGES = {
     "flow": "fvdm.stages.flow:FlowStage",
     "guidance": "fvdm.stages.guidance:GuidanceDistillation",
     "consistency": "fvdm.stages.consistency:ConsistencyDistillation",
+    "adversarial": "fvdm.stages.adversarial:AdversarialFinetune",
 }
 
 

@@ -135,7 +135,8 @@ class ConsistencyDistillation(LatentDiffusionStage):
             b_t.copy_(b_s)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.update_target()
+        if self.automatic_optimization:  # manual optimization (adversarial) updates it after generator steps
+            self.update_target()
 
     def few_step_sample(self, noise: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
         """The student's ``steps``-step sample on the phased grid of its phases."""
