@@ -36,6 +36,8 @@ class DataConfig:
     num_sharp: int = 0  # sharp-edge points fed to the encoder (flag channel = 1)
     num_vol: int = 2048  # uniform volume SDF samples per shape and step
     num_near: int = 2048  # near-surface SDF samples per shape and step
+    render_index: Optional[int] = None  # condition render: None a random one per draw in training (render 0 in
+    #                                     validation); 0 the canonical view of synth shards (fvdm.data.render)
     max_bad_fraction: float = 0.05  # stop with an error when more samples than this are corrupt
     val_max_samples: Optional[int] = None  # cap the validation stream (None: all of it)
     seed: int = 0

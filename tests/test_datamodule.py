@@ -350,3 +350,14 @@ def test_nonfinite_values_are_checked_in_drawn_rows_only_and_renders_only_when_w
     dm = ShapeDataModule(config(str(tmp_path), val_batch_size=16, num_sharp=0), images=False)
     (batch,) = list(dm.val_dataset())  # renders left undecoded: the broken one is not even read
     assert batch["key"] == ["fine", "sharp_nan", "bad_png"] and "image" not in batch and int(batch["n_bad"]) == 0
+
+
+def test_render_index_fixes_the_condition_render(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [make_sample(f"s{i}", rng, renders=3) for i in range(4)]
+    spec = write(tmp_path, samples, per_shard=4)
+    first = {s.key: s.renders[0][0, 0] for s in samples}
+    loader = ShapeDataModule(config(spec, batch_size=4, render_index=0)).train_dataloader()
+    for batch, _ in zip(loader, range(3)):
+        for key, image in zip(batch["key"], batch["image"]):
+            assert torch.equal(image[:, 0, 0], torch.from_numpy(first[key]).float() / 255)

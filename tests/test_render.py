@@ -35,7 +35,8 @@ def test_views_differ_and_are_deterministic():
     again = render_views(box.vertices, box.faces, num_views=4, size=48, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(views, again))
     other = render_views(box.vertices, box.faces, num_views=4, size=48, seed=1)
-    assert not all(np.array_equal(a, b) for a, b in zip(views, other))
+    assert np.array_equal(views[0], other[0])  # view 0 is the canonical view whatever the seed
+    assert not any(np.array_equal(a, b) for a, b in zip(views[1:], other[1:]))
 
 
 @pytest.mark.parametrize(

@@ -164,12 +164,16 @@ class DataHealth:
             )
 
 
-def keep_one_render(raw: dict, rng: Optional[np.random.Generator]) -> dict:
-    """Drop all renders but one (a random one with ``rng``, else render 0) so that only it is decoded."""
+def keep_one_render(raw: dict, rng: Optional[np.random.Generator], index: Optional[int] = None) -> dict:
+    """Drop all renders but one so that only it is decoded: render ``index`` when given (clamped to the last),
+    else a random one with ``rng``, else render 0."""
     names = sorted(k for k in raw if k.startswith("render_") and k.endswith(".png"))
     if not names:
         return raw
-    chosen = names[int(rng.integers(len(names)))] if rng is not None else names[0]
+    if index is not None:
+        chosen = names[min(index, len(names) - 1)]
+    else:
+        chosen = names[int(rng.integers(len(names)))] if rng is not None else names[0]
     return {k: v for k, v in raw.items() if k not in names or k == chosen}
 
 
@@ -287,7 +291,7 @@ class ShapeStream(IterableDataset):
             try:
                 key_rng = rng if rng is not None else np.random.default_rng(
                     [self.cfg.seed, zlib.crc32(str(raw.get("__key__")).encode())])
-                raw = keep_one_render(raw, rng) if self.images else raw
+                raw = keep_one_render(raw, rng, self.cfg.render_index) if self.images else raw
                 if self.latents:
                     example = latent_example(raw, key_rng, self.images)
                 else:

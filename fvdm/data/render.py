@@ -1,7 +1,7 @@
 """CPU condition renders by ray casting (trimesh + embreex): no GL, no GPU, no system package.
 
-Each view is a perspective camera looking at the object's bounding-box centre from a deterministic
-pseudo-random azimuth/elevation, far enough that the bounding sphere fits in the frame. Pixels are shaded
+Each view is a perspective camera looking at the object's bounding-box centre: view 0 from a fixed canonical
+direction, the others from deterministic pseudo-random azimuths/elevations, far enough that the bounding sphere fits in the frame. Pixels are shaded
 grey with Lambertian light (two-sided, a light above-left of the camera) plus ambient, on a white background,
 and rendered at ``supersample`` times the size and box-filtered down for anti-aliased silhouettes.
 """
@@ -16,6 +16,7 @@ FIT = 1.15  # the bounding sphere's angular radius is 1 / FIT of the half field 
 AMBIENT = 0.3
 BASE_COLOR = np.array([0.78, 0.78, 0.80])
 ELEVATION_DEG = (-10.0, 40.0)  # cameras look from slightly below to well above (Y up)
+CANONICAL_VIEW_DEG = (45.0, 20.0)  # (azimuth, elevation) of view 0
 
 
 def _check(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -36,12 +37,18 @@ def _check(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def camera_angles(num_views: int, seed: int) -> np.ndarray:
-    """[K, 2] (azimuth, elevation) in radians: azimuths spread over the circle with jitter, random elevations."""
+    """[K, 2] (azimuth, elevation) in radians. View 0 is the fixed canonical view (``CANONICAL_VIEW_DEG``), so a
+    model conditioned on it can tell the shape's orientation in the world frame (from a random view it
+    cannot: nothing in the image says where the camera was); the other views spread their azimuths over the
+    circle with jitter, at random elevations."""
     rng = np.random.default_rng(seed)
-    az = (np.arange(num_views) + rng.uniform(0.0, 1.0, num_views)) / max(num_views, 1) * 2 * np.pi
+    k = max(num_views - 1, 0)
+    az = (np.arange(k) + rng.uniform(0.0, 1.0, k)) / max(k, 1) * 2 * np.pi
     az = (az + rng.uniform(0.0, 2 * np.pi)) % (2 * np.pi)
-    el = np.radians(rng.uniform(*ELEVATION_DEG, num_views))
-    return np.stack([az, el], axis=1)
+    el = np.radians(rng.uniform(*ELEVATION_DEG, k))
+    views = np.stack([az, el], axis=1)
+    canonical = np.radians([CANONICAL_VIEW_DEG])
+    return np.concatenate([canonical, views])[:num_views]
 
 
 def _camera_rays(center: np.ndarray, radius: float, az: float, el: float, res: int):

@@ -54,15 +54,20 @@ def read_released(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     else:
         raise InteropError(f"{path}: no such file or folder")
     config_file = folder / "config.yaml"
-    if not config_file.is_file():
-        raise InteropError(f"{config_file}: missing (a released folder has config.yaml beside the weights)")
-    try:
-        config = yaml.safe_load(config_file.read_text())
-    except yaml.YAMLError as e:
-        raise InteropError(f"{config_file}: cannot parse YAML: {e}") from e
+    config = read_config(config_file)
     if not isinstance(config, dict) or not isinstance(config.get("params"), dict):
         raise InteropError(f"{config_file}: expected a mapping with 'target' and a 'params' mapping")
     return config, read_state_dict(weights), weights
+
+
+def read_config(config_file: Path) -> Any:
+    """The parsed ``config.yaml`` of a released folder."""
+    if not config_file.is_file():
+        raise InteropError(f"{config_file}: missing (a released folder has config.yaml beside the weights)")
+    try:
+        return yaml.safe_load(config_file.read_text())
+    except yaml.YAMLError as e:
+        raise InteropError(f"{config_file}: cannot parse YAML: {e}") from e
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -309,12 +314,7 @@ class DiTBundle(NamedTuple):
 def _bundle_files(path: Path) -> tuple[dict[str, Any], Path]:
     folder = path.parent if path.is_file() else path
     config_file = folder / "config.yaml"
-    if not config_file.is_file():
-        raise InteropError(f"{config_file}: missing (a released DiT folder has config.yaml beside the weights)")
-    try:
-        config = yaml.safe_load(config_file.read_text())
-    except yaml.YAMLError as e:
-        raise InteropError(f"{config_file}: cannot parse YAML: {e}") from e
+    config = read_config(config_file)
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) \
             or not isinstance(config["model"].get("params"), dict):
         raise InteropError(f"{config_file}: expected a 'model' section with 'params' (a DiT bundle config)")

@@ -56,15 +56,20 @@ class LatentDiffusionStage(Stage):
     def datamodule(self) -> ShapeDataModule:
         return ShapeDataModule(self.cfg.data, images=True, latents=self.cfg.latents)
 
-    def check_latent_cache(self) -> Optional[float]:
-        """With ``latents`` set: check the cache was made by this VAE and return its scale factor."""
+    def check_latent_cache(self, scale_fixed: bool = True) -> Optional[float]:
+        """With ``latents`` set: check the cache was made by this VAE (and, when the models were trained on a
+        scale already, ``scale_fixed``, with that scale) and return its scale factor."""
         if not self.cfg.latents:
             return None
         index = read_index(self.cfg.latents)
         if index["vae_fingerprint"] != vae_fingerprint(self.vae):
             raise ConfigError(f"latents: {self.cfg.latents} was encoded by another VAE ({index['vae']}); "
                               "rerun fvdm cache-latents with this stage's VAE")
-        return float(index["scale_factor"])
+        scale = float(index["scale_factor"])
+        if scale_fixed and scale != self.vae.scale_factor:
+            raise ConfigError(f"latents: {self.cfg.latents} has scale factor {scale}, the models were trained "
+                              f"with {self.vae.scale_factor}; cache them with --scale vae")
+        return scale
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Modules held in eval mode without gradients (the VAE, a frozen conditioner, a teacher)."""

@@ -72,7 +72,7 @@ class FlowStage(LatentDiffusionStage):
         if not self.vae.has_encoder:
             raise ConfigError("vae_from: a decoder-only VAE cannot make training latents; use one with an encoder")
         self.freeze_frozen()
-        cached_scale = self.check_latent_cache()
+        cached_scale = self.check_latent_cache(scale_fixed=bool(cfg.init_from))
         self.register_buffer("scale_ready", torch.tensor(cfg.latent_scale != "auto" or bool(cfg.init_from)
                                                          or cached_scale is not None))
         if cached_scale is not None:
