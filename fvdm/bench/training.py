@@ -1,9 +1,12 @@
 """Time-capped stage training shared by the benchmarks that train their own models."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+import time
+from typing import Any, Optional, Sequence
 
 import lightning as L
+from lightning.pytorch import Callback
 
 from fvdm.config import EXPERIMENTS, load_config
 from fvdm.train import build_trainer
@@ -15,12 +18,68 @@ def time_cap(minutes: float) -> str:
     return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def fit_capped(stage: str, stage_cls: type, overrides: Sequence[str]) -> tuple[Any, L.Trainer]:
+class WallClockCosine(Callback):
+    """Learning rate = base * linear warm-up over ``warmup_steps`` * cosine over the wall clock, from 1 at the
+    start of training to ``min_lr_ratio`` when ``seconds`` have passed.
+
+    A step-based cosine needs the step count a time cap will allow, which depends on the device; this one ends
+    with the cap whatever the throughput. It overwrites the optimizer's rates before every step (the stage's
+    own scheduler should then be ``constant`` with no warm-up, so that ``initial_lr`` is the base rate).
+    """
+
+    def __init__(self, seconds: float, warmup_steps: int = 0, min_lr_ratio: float = 0.1):
+        self.seconds, self.warmup_steps, self.min_lr_ratio = float(seconds), int(warmup_steps), float(min_lr_ratio)
+        self.start: Optional[float] = None
+
+    def multiplier(self, step: int, elapsed: float) -> float:
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        progress = min(1.0, max(0.0, elapsed / self.seconds))
+        return warm * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.monotonic()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        elapsed = time.monotonic() - (self.start if self.start is not None else time.monotonic())
+        m = self.multiplier(trainer.global_step, elapsed)
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group.get("initial_lr", group["lr"]) * m
+
+
+class CurvePrinter(Callback):
+    """Prints the step, the seconds since the start of training, the loss and the ``val/*`` figures every
+    ``every_n_steps`` (the stage's own evaluation, set to the same interval, fills ``val/*``)."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self.start: Optional[float] = None
+        self.printed = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = time.monotonic()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or step == self.printed:
+            return
+        self.printed = step
+        figures = {k: float(v) for k, v in trainer.callback_metrics.items() if k == "loss" or k.startswith("val/")}
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        print(f"curve step {step} t {time.monotonic() - (self.start or 0):.0f}s lr {lr:.2e} "
+              + " ".join(f"{k} {v:.4f}" for k, v in sorted(figures.items())), flush=True)
+
+
+def fit_capped(stage: str, stage_cls: type, overrides: Sequence[str],
+               callbacks: Sequence[Callback] = ()) -> tuple[Any, L.Trainer]:
     """Fit ``stage_cls`` from ``experiments/{stage}.yaml`` plus ``overrides`` with no logger; returns the module
-    (back on the CPU, as ``fit`` leaves it) and the trainer."""
+    (back on the CPU, as ``fit`` leaves it) and the trainer. ``callbacks`` join the trainer's own."""
     cfg = load_config(stage_cls.Config, [str(EXPERIMENTS / f"{stage}.yaml")], list(overrides))
     L.seed_everything(cfg.trainer.seed, workers=True)
     module = stage_cls(cfg)
     trainer = build_trainer(cfg, logger=False)
+    trainer.callbacks.extend(callbacks)
     trainer.fit(module, datamodule=module.datamodule())
     return module, trainer

@@ -9,6 +9,7 @@ maps its checkpoints onto this module exactly; only the sign of the output diffe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,7 +113,8 @@ def farthest_point_sample(points: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [B, k] of ``k`` points of ``points`` [B, M, 3] picked by farthest-point sampling, fp32 distances.
 
     The start point of each item is drawn from torch's RNG. On CPU the work goes to fpsample's exact FPS (same
-    picks as the torch loop, 100x+ faster there); elsewhere a torch loop vectorised over the batch.
+    picks as the torch loop, 100x+ faster there); on CUDA a Triton kernel (``_fps_triton``, 25x faster than the
+    loop); elsewhere, or without Triton, a torch loop vectorised over the batch.
     """
     b, m, _ = points.shape
     if not 0 < k <= m:
@@ -124,7 +126,69 @@ def farthest_point_sample(points: torch.Tensor, k: int) -> torch.Tensor:
         pts = points.detach().float().numpy()
         picked = [fpsample.fps_sampling(pts[i], k, start_idx=int(start[i])) for i in range(b)]
         return torch.from_numpy(np.stack(picked).astype(np.int64))
+    if points.device.type == "cuda" and _fps_kernel() is not None:
+        return _fps_triton(points, k, start)
     return _fps_torch(points, k, start)
+
+
+FPS_CHUNK = 4096  # points per pass of the Triton FPS loop (8 warps)
+
+
+@functools.lru_cache(maxsize=None)
+def _fps_kernel():
+    """The Triton FPS kernel (compiled on first use), or None where Triton is missing."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def fps_kernel(xyz_ptr, start_ptr, out_ptr, nearest_ptr, m, k, CHUNK: tl.constexpr):
+        # one program per batch item: xyz [B, 3, m] fp32, start [B], out [B, k] int64, nearest [B, m] fp32 (inf)
+        b = tl.program_id(0).to(tl.int64)
+        base = xyz_ptr + b * 3 * m
+        nearest = nearest_ptr + b * m
+        current = tl.load(start_ptr + b).to(tl.int32)
+        for i in range(k):
+            tl.store(out_ptr + b * k + i, current.to(tl.int64))
+            cx = tl.load(base + current)
+            cy = tl.load(base + m + current)
+            cz = tl.load(base + 2 * m + current)
+            best_value = -2.0
+            best_index = 0
+            for s0 in range(0, m, CHUNK):  # each lane reads back only what it wrote: no barrier needed
+                offs = s0 + tl.arange(0, CHUNK)
+                mask = offs < m
+                dx = tl.load(base + offs, mask=mask, other=0.0) - cx
+                dy = tl.load(base + m + offs, mask=mask, other=0.0) - cy
+                dz = tl.load(base + 2 * m + offs, mask=mask, other=0.0) - cz
+                d = tl.minimum(tl.load(nearest + offs, mask=mask, other=-1.0), dx * dx + dy * dy + dz * dz)
+                tl.store(nearest + offs, d, mask=mask)
+                value, j = tl.max(d, axis=0, return_indices=True, return_indices_tie_break_left=True)
+                better = value > best_value  # strict: an earlier chunk keeps a tie, as torch's argmax does
+                best_index = tl.where(better, s0 + j, best_index)
+                best_value = tl.where(better, value, best_value)
+            current = best_index.to(tl.int32)
+
+    return fps_kernel
+
+
+def _fps_triton(points: torch.Tensor, k: int, start: torch.Tensor) -> torch.Tensor:
+    """FPS with one Triton program per item, the whole loop on the GPU: [B, M, 3], start [B] -> [B, k].
+
+    Same rule as ``_fps_torch`` (fp32 squared distances, first index on ties; a fused multiply-add can round a
+    near-tie the other way). Measured on the H100, B = 16, 20480 -> 1024 points: 6.4 ms against 163 ms for the
+    torch loop (1024 iterations of ~7 launches), the same picks on random clouds; it made a base-preset training
+    step 3.4x faster (304 -> 90 ms at batch 16).
+    """
+    b, m, _ = points.shape
+    xyz = points.detach().float().transpose(1, 2).contiguous()  # [B, 3, M]: coalesced loads
+    nearest = torch.full((b, m), float("inf"), device=points.device)
+    out = torch.empty(b, k, dtype=torch.long, device=points.device)
+    with torch.cuda.device(points.device):
+        _fps_kernel()[(b,)](xyz, start.contiguous(), out, nearest, m, k, CHUNK=FPS_CHUNK, num_warps=8)
+    return out
 
 
 def _fps_torch(points: torch.Tensor, k: int, start: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,10 @@ class VAEStageConfig(RunConfig):
     loss: TSDFLossConfig = field(default_factory=TSDFLossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=100, schedule="cosine"))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # torch.compile the encoder, every trunk block and the geo decoder in place (state_dict keys unchanged).
+    # H100, base preset, batch 16: 90 -> 50 ms a step (LayerNorms and dtype casts over the 20480 encoder points
+    # and the query points were a third of the eager step); about a minute of compilation at the start.
+    compile: bool = False
 
 
 def tsdf(sdf: torch.Tensor, truncation: float) -> torch.Tensor:
@@ -81,6 +85,18 @@ def reconstruction_loss(pred: torch.Tensor, sdf: torch.Tensor, c: TSDFLossConfig
     return loss
 
 
+def compile_vae(vae: VecSetVAE) -> VecSetVAE:
+    """Compile, in place, what a training step runs: the encoder, each trunk block and ``GeoDecoder.forward``
+    (``nn.Module.compile``: parameters and state_dict keys stay where they are). ``query`` goes through
+    ``geo_decoder.kv`` / ``attend`` and stays eager, so decoders and evaluation are unaffected."""
+    if vae.encoder is not None:
+        vae.encoder.compile()
+    for block in vae.trunk:
+        block.compile()
+    vae.geo_decoder.compile()
+    return vae
+
+
 class VAEStage(Stage):
     """Encoder + decoder trained end to end; the frozen-encoder variant is ``decoder_ft``."""
 
@@ -89,6 +105,8 @@ class VAEStage(Stage):
     def __init__(self, cfg: VAEStageConfig):
         super().__init__(cfg)
         self.vae = VecSetVAE(cfg.vae)
+        if cfg.compile:
+            compile_vae(self.vae)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -122,7 +140,7 @@ class VAEStage(Stage):
         tokens = self.vae.decode(latents)
         n_vol = batch["vol"].shape[1]
         points = torch.cat([batch["vol"][..., :3], batch["near"][..., :3]], dim=1)  # [B, Nv + Nn, 3]
-        pred = self.vae.query(tokens, points).float()
+        pred = self.vae.geo_decoder(tokens, points).float()  # = vae.query(tokens, points, chunk_size=None)
         loss_vol = reconstruction_loss(pred[:, :n_vol], batch["vol"][..., 3], c)
         loss_near = reconstruction_loss(pred[:, n_vol:], batch["near"][..., 3], c)
         loss = c.vol_weight * loss_vol + c.near_weight * loss_near + c.kl_weight * kl
