@@ -79,7 +79,7 @@ def fit_capped(stage: str, stage_cls: type, overrides: Sequence[str],
     cfg = load_config(stage_cls.Config, [str(EXPERIMENTS / f"{stage}.yaml")], list(overrides))
     L.seed_everything(cfg.trainer.seed, workers=True)
     module = stage_cls(cfg)
-    trainer = build_trainer(cfg, logger=False)
+    trainer = build_trainer(cfg, logger=False, manual_optimization=not module.automatic_optimization)
     trainer.callbacks.extend(callbacks)
     trainer.fit(module, datamodule=module.datamodule())
     return module, trainer

@@ -64,7 +64,7 @@ def _check_batch(batch: dict[str, Any]) -> None:
                              f"got {getattr(t, 'shape', type(t))}")
 
 
-def _mesh_samples(mesh: Mesh, count: int, seed: int, device: torch.device) -> torch.Tensor:
+def mesh_samples(mesh: Mesh, count: int, seed: int, device: torch.device) -> torch.Tensor:
     """``count`` area-uniform points [count, 3] on the mesh; [0, 3] for an empty mesh."""
     if mesh.is_empty:
         return torch.zeros(0, 3, device=device)
@@ -154,7 +154,7 @@ def run_evaluation(vae, batches: Iterable[dict[str, Any]], settings: EvalSetting
                 keys = batch.get("key") or [f"shape{decoded + i}" for i in range(k)]
                 for i, mesh in enumerate(meshes):
                     gt = surface[i, surface[i, :, 6] < 0.5, :3]  # [G, 3] uniform surface samples
-                    pred = _mesh_samples(mesh, s.mesh_samples or len(gt), s.seed, device)
+                    pred = mesh_samples(mesh, s.mesh_samples or len(gt), s.seed, device)
                     metrics["chamfer"].update([pred], [gt])
                     metrics["fscore"].update([pred], [gt])
                     metrics["decode_ms"].update(mesh.stats.seconds * 1000.0)
