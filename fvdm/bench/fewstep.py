@@ -36,6 +36,7 @@ def _train_ablation(name: str, root: Path, init: str, extra: tuple[str, ...]) ->
     train([str(EXPERIMENTS / "consistency.yaml"), str(EXPERIMENTS / "presets" / "tiny-consistency.yaml"),
            f"data.train={data / 'train'}", f"data.val={data / 'val'}", f"run_root={root / 'runs'}",
            f"init_from={root / 'runs' / init / 'checkpoints' / 'last.ckpt'}", f"name=ablation_{name}",
+           f"latents={data / 'latents'}",
            "tracking.experiment=fewstep", "trainer.val_every_n_steps=1000000", *extra])
     return root / "runs" / f"ablation_{name}" / "checkpoints" / "last.ckpt"
 
