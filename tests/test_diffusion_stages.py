@@ -343,3 +343,8 @@ def test_adversarial_stage_alternates_and_chains(synth_data, guidance_ckpt, tmp_
     original = load_diffusion(guidance_ckpt)[0].state_dict()
     kept = load_teacher(run_root / "adversarial" / "checkpoints" / "last.ckpt").state_dict()
     assert all(torch.equal(original[k], kept[k]) for k in original)
+
+
+def test_flow_without_a_vae_is_a_config_error(synth_data, tmp_path, capsys):
+    assert main(["train", *args(synth_data, tmp_path, "flow", "trainer.max_steps=1")]) == 2
+    assert "vae_from" in capsys.readouterr().err

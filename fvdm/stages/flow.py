@@ -15,7 +15,6 @@ from typing import Any, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import MISSING
 
 from fvdm.config import ConfigError, RunConfig
 from fvdm.flow import TimestepSampling, interpolate, sample_timesteps, velocity_target
@@ -33,7 +32,7 @@ class FlowStageConfig(RunConfig):
     PRESETS: ClassVar[dict] = {"dit_preset": ("dit", dit_preset)}
 
     stage: str = "flow"
-    vae_from: str = MISSING  # vae / decoder_ft checkpoint or Hunyuan3D-2 VAE folder (with an encoder): frozen
+    vae_from: Optional[str] = None  # vae / decoder_ft checkpoint or Hunyuan3D-2 VAE folder (with an encoder): frozen
     init_from: Optional[str] = None  # continue from a flow checkpoint or a released DiT bundle (then vae_from,
     #                                  dit and conditioner are taken from it and may be left unset)
     latent_scale: str = "auto"  # auto: 1 / std of the first batch's latents | vae: the VAE's stored value | a number
@@ -63,7 +62,7 @@ class FlowStage(LatentDiffusionStage):
                 raise ConfigError(f"init_from: {cfg.init_from} is guidance-distilled; the flow stage trains "
                                   "a CFG teacher (guidance_embed false)")
         else:
-            if cfg.vae_from == MISSING:
+            if not cfg.vae_from:
                 raise ConfigError("vae_from: the flow stage needs a VAE (vae checkpoint or Hunyuan3D-2 folder)")
             self.vae = load_pretrained_vae(cfg.vae_from)
             self.conditioner = build_conditioner(cfg.conditioner)
