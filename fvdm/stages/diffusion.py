@@ -47,7 +47,8 @@ def occupancy_iou(vae: VecSetVAE, latents: torch.Tensor, points: torch.Tensor, r
 
 
 class LatentDiffusionStage(Stage):
-    """Base of the ``flow`` and ``guidance`` stages: subclasses set ``vae``, ``conditioner`` and ``dit``."""
+    """Base of the ``flow``, ``guidance``, ``consistency`` and ``adversarial`` stages: subclasses set ``vae``,
+    ``conditioner`` and ``dit``."""
 
     vae: VecSetVAE
     conditioner: ImageConditioner
@@ -106,7 +107,8 @@ class LatentDiffusionStage(Stage):
         if "image" not in batch:
             raise ValueError("diffusion stages need condition images: these shards carry no renders "
                              "(make them with fvdm synth/prepare and renders > 0)")
-        with torch.set_grad_enabled(self.conditioner.trainable and self.training):
+        trains = self.training and any(p.requires_grad for p in self.conditioner.parameters())
+        with torch.set_grad_enabled(trains):
             return self.conditioner(batch["image"])
 
     def eval_noise(self, batch_idx: int, like: torch.Tensor) -> torch.Tensor:
@@ -119,5 +121,5 @@ class LatentDiffusionStage(Stage):
 
 
 def mean_metrics(names: list[str]) -> torch.nn.ModuleDict:
-    """Fresh ``MeanMetric`` objects by name (dots replaced: ModuleDict keys may not hold them)."""
+    """Fresh ``MeanMetric`` objects by name, "/" written "__" (ModuleDict keys may not hold dots or slashes)."""
     return torch.nn.ModuleDict({n.replace("/", "__"): MeanMetric() for n in names})
