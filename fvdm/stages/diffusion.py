@@ -121,5 +121,5 @@ class LatentDiffusionStage(Stage):
 
 
 def mean_metrics(names: list[str]) -> torch.nn.ModuleDict:
-    """Fresh ``MeanMetric`` objects by name, "/" written "__" (ModuleDict keys may not hold dots or slashes)."""
+    """Fresh ``MeanMetric`` objects by metric name, "/" written "__" in the keys."""
     return torch.nn.ModuleDict({n.replace("/", "__"): MeanMetric() for n in names})
