@@ -28,7 +28,7 @@ from fvdm.consistency import PhaseGrid, phased_grid, pseudo_huber
 from fvdm.flow import euler_step, interpolate
 from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.sampler import euler_sample, guided_velocity
-from fvdm.stages.base import OptimConfig, build_optimizer
+from fvdm.stages.base import OptimConfig
 from fvdm.stages.checkpoints import load_diffusion, load_teacher
 from fvdm.stages.diffusion import GenerationEvalConfig, LatentDiffusionStage
 
@@ -81,10 +81,6 @@ class ConsistencyDistillation(LatentDiffusionStage):
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.vae, self.conditioner, self.teacher] + ([self.target] if self.target is not None else [])
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.dit.parameters() if p.requires_grad]
-        return build_optimizer(params, self.cfg.optim, self.cfg.trainer.max_steps)
 
     def guidance_vector(self, like: torch.Tensor) -> torch.Tensor:
         return torch.full((like.shape[0],), self.cfg.guidance, device=like.device)

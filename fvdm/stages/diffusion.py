@@ -20,7 +20,7 @@ from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.models.conditioner import ImageConditioner
 from fvdm.models.dit import FlowDiT
 from fvdm.models.vae import VecSetVAE
-from fvdm.stages.base import Stage, freeze
+from fvdm.stages.base import Stage, build_optimizer, freeze
 from fvdm.stages.vae import VAE_CONFIG_KEY
 
 DIT_CONFIG_KEY = "fvdm_dit_config"
@@ -79,6 +79,12 @@ class LatentDiffusionStage(Stage):
     def freeze_frozen(self) -> None:
         for module in self.frozen_modules():
             freeze(module)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over what trains: the DiT, and the image encoder when it is not frozen (the ``small`` one in
+        the ``flow`` stage); frozen modules never enter the optimizer."""
+        params = [p for m in (self.dit, self.conditioner) for p in m.parameters() if p.requires_grad]
+        return build_optimizer(params, self.cfg.optim, self.cfg.trainer.max_steps)
 
     def train(self, mode: bool = True) -> "LatentDiffusionStage":
         super().train(mode)

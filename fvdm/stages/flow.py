@@ -22,7 +22,7 @@ from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.models.conditioner import ConditionerConfig, build_conditioner
 from fvdm.models.dit import DiTConfig, FlowDiT, dit_preset
 from fvdm.sampler import euler_sample
-from fvdm.stages.base import OptimConfig, build_optimizer
+from fvdm.stages.base import OptimConfig
 from fvdm.stages.checkpoints import load_diffusion, load_pretrained_vae
 from fvdm.stages.diffusion import GenerationEvalConfig, LatentDiffusionStage, occupancy_iou
 
@@ -82,13 +82,6 @@ class FlowStage(LatentDiffusionStage):
             except ValueError:
                 raise ConfigError(f"latent_scale: '{cfg.latent_scale}' is not auto, vae or a number") from None
         self.gen_iou, self.uncond_iou, self.recon_iou = OccupancyIoU(), OccupancyIoU(), OccupancyIoU()
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        modules = [self.dit] + ([self.conditioner] if self.conditioner.trainable else [])
-        return [p for m in modules for p in m.parameters() if p.requires_grad]
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self.trainable_parameters(), self.cfg.optim, self.cfg.trainer.max_steps)
 
     @torch.no_grad()
     def estimate_latent_scale(self, batch: dict[str, Any]) -> None:

@@ -25,7 +25,7 @@ from fvdm.config import ConfigError, RunConfig
 from fvdm.flow import TimestepSampling, interpolate, sample_timesteps
 from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.sampler import euler_sample, guided_velocity
-from fvdm.stages.base import OptimConfig, build_optimizer
+from fvdm.stages.base import OptimConfig
 from fvdm.stages.checkpoints import load_diffusion
 from fvdm.stages.diffusion import GenerationEvalConfig, LatentDiffusionStage, mean_metrics, occupancy_iou
 
@@ -69,10 +69,6 @@ class GuidanceDistillation(LatentDiffusionStage):
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         return [self.vae, self.conditioner, self.teacher]
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.dit.parameters() if p.requires_grad]
-        return build_optimizer(params, self.cfg.optim, self.cfg.trainer.max_steps)
 
     @torch.no_grad()
     def teacher_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
