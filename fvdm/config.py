@@ -40,6 +40,7 @@ class DataConfig:
     #                                     validation); 0 the canonical view of synth shards (fvdm.data.render)
     max_bad_fraction: float = 0.05  # stop with an error when more samples than this are corrupt
     val_max_samples: Optional[int] = None  # cap the validation stream (None: all of it)
+    resume: str = "reseed"  # on --resume: reseed (fresh draws, instant) | replay (exact batches, re-reads them)
     seed: int = 0
 
 
@@ -52,9 +53,12 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
-    strategy: str = "auto"
+    strategy: str = "auto"  # a Lightning strategy name (auto, ddp, ...); see ``deepspeed``
+    deepspeed: Optional[str] = None  # zero2 | zero3 (experiments/deepspeed/*.json) or a JSON path: DeepSpeed
     precision: str = "32-true"
     gradient_clip_val: Optional[float] = 1.0
+    activation_checkpointing: bool = False  # diffusion stages: recompute each DiT block in the backward pass
+    compile: bool = False  # diffusion stages: torch.compile each block of every DiT (student, teacher, target)
     val_every_n_steps: int = 500
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 500

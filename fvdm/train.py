@@ -1,14 +1,21 @@
 """``fvdm train``: resolve the config, build the stage and its data, and fit with MLflow tracking."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from fvdm.config import ConfigError, load_config, peek_stage, split_args
 from fvdm.stages import get_stage
+from fvdm.strategy import training_strategy
 
 
 def resolve(args: Sequence[str]) -> Any:
@@ -19,13 +26,62 @@ def resolve(args: Sequence[str]) -> Any:
 
 
 def last_checkpoint(run_dir: Path) -> Path | None:
-    path = run_dir / "checkpoints" / "last.ckpt"
-    return path if path.exists() else None
+    """The newer (by stored ``global_step``) of ``checkpoints/last.ckpt`` and the newest ``hpc_ckpt_<n>.ckpt``
+    that :class:`SlurmRequeue` saves in the run dir; None when there is neither."""
+    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rpartition("_")[2]))
+    found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *hpc[-1:]] if p.exists()]
+
+    def global_step(path: Path) -> int:  # mmap: reads the metadata, not the weights
+        states = path / "checkpoint" / "mp_rank_00_model_states.pt" if path.is_dir() else path  # DeepSpeed: a folder
+        return torch.load(states, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+
+    return max(found, key=global_step, default=None)
 
 
-def build_trainer(cfg: Any, logger: Any, manual_optimization: bool = False) -> L.Trainer:
-    """The Trainer of a run; stages with manual optimization clip their own gradients."""
+class SlurmRequeue(Callback):
+    """On ``signum`` (SLURM's ``--signal`` before the time limit) save ``hpc_ckpt_<n>.ckpt`` in the run dir at the
+    end of the current step, requeue the job with ``scontrol requeue`` and stop.
+
+    Lightning's own handler (``SLURMEnvironment(auto_requeue=True)``) saves inside the signal handler, wherever in
+    the step the signal lands: with several ranks the save's barrier can pair with another rank's gradient
+    all-reduce and hang (seen with 2 ranks here; Lightning issue #21406), and the saved loop state can be a step
+    off. Here the handler only sets a flag, and the ranks agree on it after every step (one tiny all-reduce)."""
+
+    def __init__(self, signum: signal.Signals) -> None:
+        self.signum = signum
+        self.received = False
+        self.previous: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.previous = signal.signal(self.signum, self.receive)
+
+    def receive(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+            return
+        run_dir = Path(trainer.default_root_dir)
+        n = max((int(p.stem.rpartition("_")[2]) for p in run_dir.glob("hpc_ckpt_*.ckpt")), default=0) + 1
+        trainer.save_checkpoint(trainer.strategy.broadcast(run_dir / f"hpc_ckpt_{n}.ckpt"))  # rank 0's name, all ranks
+        if trainer.is_global_zero:
+            array = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+            rank_zero_info(f"fvdm: saved {trainer.global_step} steps; requeueing SLURM job {job}")
+            subprocess.run(["scontrol", "requeue", job], check=True)  # a failure fails the job: no afterok
+        trainer.should_stop = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.previous is not None:
+            signal.signal(self.signum, self.previous)
+
+
+def build_trainer(cfg: Any, logger: Any) -> L.Trainer:
+    """The Trainer of a run: checkpoints every ``checkpoint_every_n_steps`` plus ``last``, strategy from config."""
     t = cfg.trainer
+    strategy, precision = training_strategy(t, cfg.data.batch_size)
+    # under SLURM: ranks from SLURM_*, and SlurmRequeue instead of Lightning's in-handler requeue
+    slurm = SLURMEnvironment(auto_requeue=False, requeue_signal=signal.SIGUSR1) if SLURMEnvironment.detect() else None
     checkpoints = ModelCheckpoint(
         dirpath=cfg.run_dir / "checkpoints",
         filename="step{step:07d}",
@@ -40,36 +96,43 @@ def build_trainer(cfg: Any, logger: Any, manual_optimization: bool = False) -> L
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        gradient_clip_val=None if manual_optimization else t.gradient_clip_val,
+        strategy=strategy,
+        precision=precision,
+        plugins=[slurm] if slurm else [],
+        gradient_clip_val=t.gradient_clip_val,
         val_check_interval=t.val_every_n_steps,
         check_val_every_n_epoch=None,
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
         logger=logger,
-        callbacks=[checkpoints] + ([LearningRateMonitor(logging_interval="step")] if logger else []),
+        callbacks=[checkpoints] + ([LearningRateMonitor(logging_interval="step")] if logger else [])
+        + ([SlurmRequeue(slurm.requeue_signal)] if slurm else []),
         default_root_dir=str(cfg.run_dir),
         enable_progress_bar=True,
         num_sanity_val_steps=0,
     )
 
 
-def train(args: Sequence[str], resume: bool = False) -> tuple[Any, L.Trainer]:
-    """Train the stage a config names. With ``resume`` continue its run from ``last.ckpt``."""
+def train(args: Sequence[str], resume: bool | str = False) -> tuple[Any, L.Trainer]:
+    """Train the stage a config names. ``resume=True`` continues its run from :func:`last_checkpoint` (an error
+    without one); ``"auto"`` continues when there is one and starts fresh otherwise (a SLURM job or its requeue)."""
     cfg = resolve(args)
     stage_cls = get_stage(cfg.stage)
     run_dir = cfg.run_dir
     ckpt = last_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise ConfigError(f"--resume: no checkpoint at {run_dir / 'checkpoints' / 'last.ckpt'}")
+    if resume is True and ckpt is None:
+        raise ConfigError(f"--resume: no checkpoint in {run_dir} (checkpoints/last.ckpt or hpc_ckpt_<n>.ckpt)")
+    if resume == "auto":
+        rank_zero_info(f"fvdm: resuming from {ckpt}" if ckpt else f"fvdm: no checkpoint in {run_dir}, starting fresh")
     from fvdm.tracking import make_logger, start_run
 
     L.seed_everything(cfg.trainer.seed, workers=True)
-    logger = make_logger(cfg, run_dir, resume=resume)
-    start_run(logger, cfg, run_dir)
+    logger = False
+    if rank_zero_only.rank == 0:  # only rank 0 tracks: ranks started together (srun) would race on the store
+        logger = make_logger(cfg, run_dir, resume=ckpt is not None)
+        start_run(logger, cfg, run_dir)
     module = stage_cls(cfg)
     datamodule = module.datamodule()
-    trainer = build_trainer(cfg, logger, manual_optimization=not module.automatic_optimization)
+    trainer = build_trainer(cfg, logger)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     return module, trainer

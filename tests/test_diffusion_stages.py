@@ -53,6 +53,8 @@ def test_flow_stage_trains_and_logs(flow_run, vae_ckpt):
     for key in ("train/loss", "train/latent_scale", "val/gen_v_iou", "val/gen_v_iou_uncond", "val/recon_v_iou"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples/step_0000004")]
+    assert "samples/step_0000004/preview.png" in samples  # generated meshes beside the ground truth
     dit, vae, conditioner = load_diffusion(flow_run / "flow" / "checkpoints" / "last.ckpt")
     source = load_pretrained_vae(vae_ckpt)
     frozen, trained = source.state_dict(), vae.state_dict()
@@ -219,6 +221,27 @@ def test_consistency_ema_update_is_the_formula(synth_data, guidance_ckpt, tmp_pa
         assert new.dtype == torch.float32 and not new.requires_grad
 
 
+def test_held_modules_stay_outside_the_module_in_fp32_and_ride_in_checkpoints(synth_data, guidance_ckpt, tmp_path):
+    from fvdm.stages.base import HELD_STATE_KEY
+
+    stage = _consistency(synth_data, guidance_ckpt, tmp_path)
+    assert set(stage.held) == {"vae", "conditioner", "teacher", "target"}
+    assert all(name.startswith("dit.") for name, _ in stage.named_parameters())  # the optimizer, DDP, DeepSpeed
+    assert all(key.startswith("dit.") for key in stage.state_dict())
+    stage.to(torch.bfloat16)  # what a precision plugin or DeepSpeed's bf16 mode does to the module
+    assert next(stage.dit.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for name in ("teacher", "target") for p in stage.held[name].parameters())
+    with torch.no_grad():
+        for p in stage.target.parameters():
+            p.add_(1.0)  # as if the EMA had moved
+    checkpoint: dict = {}
+    stage.on_save_checkpoint(checkpoint)
+    fresh = _consistency(synth_data, guidance_ckpt, tmp_path)
+    fresh.on_load_checkpoint(checkpoint)  # what --resume does
+    assert set(checkpoint[HELD_STATE_KEY]) == set(stage.held)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.target.parameters(), stage.target.parameters()))
+
+
 def test_consistency_target_is_the_teacher_point_on_an_edge(synth_data, guidance_ckpt, tmp_path):
     stage = _consistency(synth_data, guidance_ckpt, tmp_path)
     grid = stage.cfg.grid
@@ -324,7 +347,7 @@ def test_discriminator_heads_train_and_the_backbone_does_not(synth_data, guidanc
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
 
 
-def test_adversarial_stage_alternates_and_chains(synth_data, guidance_ckpt, tmp_path):
+def test_adversarial_stage_steps_both_networks_and_chains(synth_data, guidance_ckpt, tmp_path):
     run_root = tmp_path / "runs"
     assert main(["train", *args(synth_data, run_root, "consistency", f"init_from={guidance_ckpt}",
                                 "grid.phases=1", "trainer.max_steps=1", "trainer.val_every_n_steps=100")]) == 0
@@ -335,9 +358,18 @@ def test_adversarial_stage_alternates_and_chains(synth_data, guidance_ckpt, tmp_
     client, run = run_of(run_root, "adversarial")
     history = {name: [m.value for m in client.get_metric_history(run.info.run_id, name)]
                for name in ("train/loss_d", "train/loss_adv", "train/loss_cf")}
-    assert all(len(v) == 4 for v in history.values())  # 4 batches, one optimizer step each (D, G, D, G)
+    assert all(len(v) == 4 for v in history.values())  # 4 batches, each a heads step then a generator step
     assert len(set(history["train/loss_d"])) > 1
     assert "val/student_1step_iou_vs_teacher2" in run.data.metrics
+    assert main(["train", *args(synth_data, run_root, "adversarial", f"init_from={phase1}", "trainer.max_steps=6",
+                                "trainer.val_every_n_steps=100", "eval.student_steps=[1]", "eval.steps=2",
+                                "discriminator.groups=8"), "--resume"]) == 0
+    from fvdm.stages.adversarial import D_OPTIMIZER_KEY
+
+    last = torch.load(run_root / "adversarial" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 6
+    heads_state = last[D_OPTIMIZER_KEY]["optimizer"]["state"]
+    assert all(int(s["step"]) == 6 for s in heads_state.values())  # 4 + 2: the heads' AdamW resumed, not restarted
     from fvdm.stages.checkpoints import load_teacher
 
     original = load_diffusion(guidance_ckpt)[0].state_dict()

@@ -270,3 +270,27 @@ def test_tiny_trains():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5 * start, (start, loss.item())
+
+
+def test_activation_checkpointing_and_compiled_blocks_compute_the_same():
+    dit = FlowDiT(dit_preset("tiny"))
+    x, t = torch.randn(2, 16, 32), torch.rand(2)
+    cond = torch.randn(2, 5, 64)
+
+    def output_and_grads():
+        dit.zero_grad()
+        out = dit(x, t, cond)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in dit.parameters()]
+
+    plain, plain_grads = output_and_grads()
+    dit.checkpoint_blocks = True
+    recomputed, recomputed_grads = output_and_grads()
+    torch.testing.assert_close(recomputed, plain, rtol=0, atol=0)
+    for a, b in zip(recomputed_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    dit.compile_blocks()
+    assert set(dit.state_dict()) == {k for k, _ in FlowDiT(dit_preset("tiny")).named_parameters()} | {
+        k for k, _ in FlowDiT(dit_preset("tiny")).named_buffers()}
+    with torch.no_grad():
+        torch.testing.assert_close(dit(x, t, cond), plain, rtol=1e-5, atol=1e-5)

@@ -72,14 +72,15 @@ class CurvePrinter(Callback):
               + " ".join(f"{k} {v:.4f}" for k, v in sorted(figures.items())), flush=True)
 
 
-def fit_capped(stage: str, stage_cls: type, overrides: Sequence[str],
-               callbacks: Sequence[Callback] = ()) -> tuple[Any, L.Trainer]:
-    """Fit ``stage_cls`` from ``experiments/{stage}.yaml`` plus ``overrides`` with no logger; returns the module
-    (back on the CPU, as ``fit`` leaves it) and the trainer. ``callbacks`` join the trainer's own."""
-    cfg = load_config(stage_cls.Config, [str(EXPERIMENTS / f"{stage}.yaml")], list(overrides))
+def fit_capped(stage: str, stage_cls: type, overrides: Sequence[str], callbacks: Sequence[Callback] = (),
+               files: Sequence[str] = ()) -> tuple[Any, L.Trainer]:
+    """Fit ``stage_cls`` from ``experiments/{stage}.yaml``, then ``files``, then ``overrides``, with no logger;
+    returns the module (back on the CPU, as ``fit`` leaves it) and the trainer. ``callbacks`` join the
+    trainer's own."""
+    cfg = load_config(stage_cls.Config, [str(EXPERIMENTS / f"{stage}.yaml"), *files], list(overrides))
     L.seed_everything(cfg.trainer.seed, workers=True)
     module = stage_cls(cfg)
-    trainer = build_trainer(cfg, logger=False, manual_optimization=not module.automatic_optimization)
+    trainer = build_trainer(cfg, logger=False)
     trainer.callbacks.extend(callbacks)
     trainer.fit(module, datamodule=module.datamodule())
     return module, trainer

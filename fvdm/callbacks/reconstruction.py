@@ -168,10 +168,10 @@ def run_evaluation(vae, batches: Iterable[dict[str, Any]], settings: EvalSetting
     # the same names on every rank (compute() synchronizes), whatever each rank's share of the stream held
     names = list(iou) + ["shapes"] + (list(mesh_metrics) if s.num_mesh_shapes > 0 else [])
     results = {name: float(metrics[name].compute()) for name in names}
-    return results, (_write_files(Path(out_dir), kept, s) if out_dir is not None else [])
+    return results, (write_mesh_files(Path(out_dir), kept, s) if out_dir is not None else [])
 
 
-def _write_files(out_dir: Path, kept: list[tuple[str, Mesh, np.ndarray]], s: EvalSettings) -> list[Path]:
+def write_mesh_files(out_dir: Path, kept: list[tuple[str, Mesh, np.ndarray]], s: EvalSettings) -> list[Path]:
     """The first ``num_saved_meshes`` non-empty meshes as PLY and one preview PNG, into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []

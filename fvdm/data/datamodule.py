@@ -1,10 +1,14 @@
 """Streaming WebDataset shards into training and validation batches (``ShapeDataModule``).
 
 Train: an infinite, resampled stream for step-based training. Every (rank, worker) draws shards with
-replacement from its own RNG, seeded from ``(cfg.seed, rank, worker, step_offset, pass)``, so the streams
-differ between ranks and workers and a resumed run (``step_offset`` = global step at resume, restored from
-the checkpoint through :meth:`ShapeDataModule.load_state_dict`) does not replay the samples of the first
-run. The exact sample-level position of the stream is not restored: webdataset keeps no state.
+replacement from its own RNG, so the streams differ between ranks and workers. A resumed run knows
+``step_offset``, the global step of its checkpoint (restored through :meth:`ShapeDataModule.load_state_dict`),
+and ``cfg.resume`` says what it does with it: ``reseed`` (default) seeds the streams from
+``(cfg.seed, rank, worker, step_offset, pass)``, so the resumed run draws fresh samples at once instead of
+replaying the first ones (statistically the same stream, not the same samples); ``replay`` seeds them as the
+first run did and has each worker regenerate and drop the batches it had delivered (the DataLoader takes
+batch i from worker i mod num_workers), so training continues on exactly the batches an uninterrupted run
+would have seen, at the cost of re-reading them (webdataset keeps no position to jump to).
 
 Validation: deterministic and exactly once across ranks and workers, for any number of shards (see
 :func:`split_samples`). Point subsampling there is seeded by the sample key, so metrics are reproducible.
@@ -19,6 +23,7 @@ bad samples than ``cfg.max_bad_fraction`` stop the run with :class:`BadDataError
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import zlib
@@ -34,7 +39,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
-from fvdm.config import DataConfig
+from fvdm.config import ConfigError, DataConfig
 from fvdm.data.latents import latent_example
 from fvdm.data.shards import MalformedSample, ShapeSample, ShardError, decode_sample, read_samples
 
@@ -308,8 +313,12 @@ class ShapeStream(IterableDataset):
         if self.health is None:
             where = f"data.{'train' if self.train else 'val'} rank {self.rank} worker {worker}"
             self.health = DataHealth(self.cfg.max_bad_fraction, where)
+        skip = 0
         if self.train:
-            rng = np.random.default_rng([self.cfg.seed, self.rank, worker, self.step_offset, self.passes])
+            offset = self.step_offset if self.cfg.resume == "reseed" else 0
+            rng = np.random.default_rng([self.cfg.seed, self.rank, worker, offset, self.passes])
+            if self.cfg.resume == "replay" and self.passes == 0:
+                skip = max(0, -(-(self.step_offset - worker) // num_workers))  # batches i < offset, i % W == w
             self.passes += 1
             examples = self._examples(self._read(resampled_shards(self.urls, rng)), rng)
             shuffle_rng = random.Random(int(rng.integers(2**63)))
@@ -320,7 +329,8 @@ class ShapeStream(IterableDataset):
                                  self.cfg.val_max_samples)
             examples = self._examples(raws, None)
             batch_size = self.cfg.val_batch_size
-        for batch in wds.batched(batch_size, collation_fn=collate, partial=True)(examples):
+        batches = wds.batched(batch_size, collation_fn=collate, partial=True)(examples)
+        for batch in itertools.islice(batches, skip, None):
             batch["n_bad"] = torch.tensor(self.health.bad)
             batch["n_seen"] = torch.tensor(self.health.seen)
             yield batch
@@ -330,9 +340,8 @@ class ShapeDataModule(L.LightningDataModule):
     """Train and validation DataLoaders over shards; its state (the step offset) rides in checkpoints.
 
     Resuming restores the stage's global step, model and optimizer from the Lightning checkpoint; this
-    module restores only ``step_offset`` (the global step when the checkpoint was written), which re-seeds
-    the resampled train stream so that the resumed run draws new samples instead of replaying the first
-    ones. The exact sample position inside shards and shuffle buffers is not restored.
+    module restores only ``step_offset`` (the global step when the checkpoint was written), from which the
+    train stream is re-seeded or replayed (``cfg.resume``, see the module doc).
 
     ``images=False`` skips decoding the renders (batches then carry no ``image``): for stages that use none.
     ``latents``: latent shards (``fvdm cache-latents``) that the training stream reads instead of
@@ -341,6 +350,8 @@ class ShapeDataModule(L.LightningDataModule):
 
     def __init__(self, cfg: DataConfig, images: bool = True, latents: Optional[str] = None):
         super().__init__()
+        if cfg.resume not in ("reseed", "replay"):
+            raise ConfigError(f"data.resume: unknown '{cfg.resume}' (reseed or replay)")
         self.cfg, self.images, self.latents = cfg, images, latents
         self.step_offset = 0
 
@@ -357,9 +368,11 @@ class ShapeDataModule(L.LightningDataModule):
                            images=self.images)
 
     def _loader(self, dataset: ShapeStream) -> DataLoader:
+        """A DataLoader with its own generator: the workers' seeds come from it, not from a draw of the global
+        RNG, so starting an iterator leaves the training noise (and its resume) alone."""
         n = self.cfg.num_workers
         return DataLoader(dataset, batch_size=None, num_workers=n, persistent_workers=n > 0,
-                          pin_memory=torch.cuda.is_available())
+                          pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(self.cfg.seed))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset())

@@ -49,19 +49,15 @@ class TokenHead(nn.Module):
 
 
 class LatentDiscriminator(nn.Module):
-    """Heads over a frozen backbone's features; only ``heads`` hold trainable parameters."""
+    """Heads over a frozen backbone's features. The backbone (the stage's teacher) is referenced, not
+    registered: parameters, state dict and ``.to`` cover the heads alone, and the backbone is not copied."""
 
     def __init__(self, backbone: FlowDiT, cfg: DiscriminatorConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = backbone.requires_grad_(False).eval()
+        object.__setattr__(self, "backbone", backbone.requires_grad_(False).eval())
         width = backbone.cfg.hidden_size
         self.heads = nn.ModuleList(TokenHead(width, cfg.groups, cfg.negative_slope) for _ in cfg.layers)
-
-    def train(self, mode: bool = True) -> "LatentDiscriminator":
-        super().train(mode)
-        self.backbone.eval()  # frozen: always in eval mode
-        return self
 
     def forward(self, latents: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
         """Per-token logits [B, taps * N] of every head for DiT-space latents [B, N, C] under condition tokens

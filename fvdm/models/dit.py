@@ -15,10 +15,11 @@ import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from fvdm.models.attention import merge_heads
@@ -263,6 +264,19 @@ class FlowDiT(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(h, cfg.num_heads, cfg.mlp_ratio)
                                            for _ in range(cfg.depth_single_blocks))
         self.final_layer = LastLayer(h, cfg.in_channels)
+        self.checkpoint_blocks = False  # recompute each block in the backward pass (activation checkpointing)
+
+    def _block(self, block: nn.Module, *args: torch.Tensor) -> Any:
+        """``block(*args)``, under activation checkpointing when ``checkpoint_blocks`` is set and gradients flow."""
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every block in place (state dict keys unchanged): fuses the elementwise work between
+        the matrix products (modulation, norms, activations), which eager mode runs as separate kernels."""
+        for block in [*self.double_blocks, *self.single_blocks]:
+            block.compile()
 
     def add_guidance_embedding(self) -> None:
         """Turn a teacher into a guidance-distillation student: add ``guidance_in`` with a zero output layer.
@@ -296,12 +310,12 @@ class FlowDiT(nn.Module):
         """Run the blocks on the projected tokens latent [B, N, hidden] and cond [B, L, hidden], yielding
         (tap name, latent-token features [B, N, hidden]) after each block."""
         for i, block in enumerate(self.double_blocks):
-            latent, cond = block(latent, cond, vec)
+            latent, cond = self._block(block, latent, cond, vec)
             yield f"double.{i}", latent
         num_cond = cond.shape[1]
         seq = torch.cat([cond, latent], dim=1)  # [B, L + N, hidden]
         for j, block in enumerate(self.single_blocks):
-            seq = block(seq, vec)
+            seq = self._block(block, seq, vec)
             yield f"single.{j}", seq[:, num_cond:]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,

@@ -8,9 +8,11 @@ trainable heads. Hinge loss L_D = mean relu(1 - D(real)) + mean relu(1 + D(fake)
 swaps the two: a sign typo); generator term relu(1 - D(fake)) (``hinge``) or -D(fake) (``linear``);
 generator loss = consistency + ``adv_weight`` x adversarial.
 
-Manual optimization with two optimizers that alternate as in PCM: even steps update the heads, odd steps the
-generator (then the EMA target), so each batch takes exactly one optimizer step and ``trainer.max_steps``
-counts batches. Gradients are clipped per optimizer (``trainer.gradient_clip_val``).
+Both networks step on every batch with their own AdamW (the PCM paper alternates D and G steps; the FlashVDM
+recipe allows either): first the heads on (real, detached fake), then the generator on the same batch with the
+updated heads. The generator is the stage's one Lightning optimizer, so the stage runs unchanged under DDP and
+DeepSpeed (which takes one optimizer); the heads are held beside the module (``Stage.hold``) with their own
+optimizer and a mean all-reduce of their gradients across ranks, and both are saved in checkpoints.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from fvdm.config import ConfigError
@@ -25,6 +28,8 @@ from fvdm.consistency import PhaseGrid
 from fvdm.models.discriminator import DiscriminatorConfig, LatentDiscriminator
 from fvdm.stages.base import OptimConfig, build_optimizer
 from fvdm.stages.consistency import ConsistencyDistillation, ConsistencyStageConfig
+
+D_OPTIMIZER_KEY = "fvdm_discriminator_optimizer"  # the heads' AdamW and schedule, for --resume
 
 
 @dataclass
@@ -51,54 +56,73 @@ def generator_loss(fake: torch.Tensor, kind: str) -> torch.Tensor:
     raise ConfigError(f"generator_loss: unknown '{kind}' (hinge or linear)")
 
 
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Mean of ``params``' gradients over all ranks (one flat all-reduce), for modules outside DDP/DeepSpeed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
 class AdversarialFinetune(ConsistencyDistillation):
     Config = AdversarialStageConfig
 
     def __init__(self, cfg: AdversarialStageConfig):
         super().__init__(cfg)
         generator_loss(torch.zeros(1), cfg.generator_loss)  # validate the choice before training
-        self.discriminator = LatentDiscriminator(self.teacher, cfg.discriminator)
-        self.automatic_optimization = False
+        self.hold("discriminator", LatentDiscriminator(self.teacher, cfg.discriminator))
+        d = build_optimizer(list(self.discriminator.parameters()), cfg.d_optim, cfg.trainer.max_steps)
+        self.d_optimizer, self.d_scheduler = d["optimizer"], d["lr_scheduler"]["scheduler"]
+        self.restored_d_state: dict[str, Any] | None = None
 
-    def configure_optimizers(self) -> list[dict[str, Any]]:
-        generator = [p for p in self.dit.parameters() if p.requires_grad]
-        heads = list(self.discriminator.heads.parameters())
-        steps = self.cfg.trainer.max_steps
-        return [build_optimizer(generator, self.cfg.optim, steps), build_optimizer(heads, self.cfg.d_optim, steps)]
-
-    def _step(self, index: int, loss: torch.Tensor) -> None:
-        """Backward, clip, step and schedule optimizer ``index`` (0: generator, 1: discriminator heads)."""
-        opt, sched = self.optimizers()[index], self.lr_schedulers()[index]
-        opt.zero_grad()
-        self.manual_backward(loss)
+    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """One AdamW step of the heads on the hinge loss of clean latents ``real`` against detached ``fake``."""
+        w = self.cfg.guidance
+        self.d_optimizer.zero_grad(set_to_none=True)
+        loss_d = discriminator_loss(self.discriminator(real, cond, w), self.discriminator(fake, cond, w))
+        loss_d.backward()
+        params = list(self.discriminator.parameters())
+        average_gradients(params)
         if self.cfg.trainer.gradient_clip_val:
-            self.clip_gradients(opt, gradient_clip_val=self.cfg.trainer.gradient_clip_val,
-                                gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.trainer.gradient_clip_val)
+        self.d_optimizer.step()
+        self.d_scheduler.step()
+        return loss_d.detach()
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        """Even steps step the heads, odd steps the generator; every step logs all losses (a metric logged on
-        alternate steps only would be repeated stale by Lightning at the others)."""
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Heads step, then the generator loss (consistency + adv_weight x adversarial) is returned for the
+        stage's optimizer; the heads take no gradient from it."""
         x1 = self.clean_latents(batch)
         cond = self.condition(batch)
-        w = self.cfg.guidance
-        train_heads = self.global_step % 2 == 0
-        with torch.set_grad_enabled(not train_heads):
-            loss_cf, fake = self.consistency_loss(x1, cond)
-            d_fake_for_g = self.discriminator(fake, cond, w)
-        with torch.set_grad_enabled(train_heads):
-            d_real = self.discriminator(x1, cond, w)
-            d_fake = self.discriminator(fake.detach(), cond, w) if train_heads else d_fake_for_g.detach()
-            loss_d = discriminator_loss(d_real, d_fake)
-        loss_adv = generator_loss(d_fake_for_g, self.cfg.generator_loss)
+        loss_cf, fake = self.consistency_loss(x1, cond)
+        loss_d = self.discriminator_step(x1, fake.detach(), cond)
+        self.discriminator.requires_grad_(False)
+        loss_adv = generator_loss(self.discriminator(fake, cond, self.cfg.guidance), self.cfg.generator_loss)
+        self.discriminator.requires_grad_(True)
         loss = loss_cf + self.cfg.adv_weight * loss_adv
-        if train_heads:
-            self._step(1, loss_d)
-        else:
-            self._step(0, loss)
-            self.update_target()
         b = x1.shape[0]
         self.log_dict({"train/loss": loss, "train/loss_cf": loss_cf, "train/loss_adv": loss_adv,
                        "train/loss_d": loss_d}, batch_size=b)
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=b)
+        return loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[D_OPTIMIZER_KEY] = {"optimizer": self.d_optimizer.state_dict(),
+                                       "scheduler": self.d_scheduler.state_dict()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.restored_d_state = checkpoint.get(D_OPTIMIZER_KEY)
+
+    def on_train_start(self) -> None:
+        """Restore the heads' optimizer once the heads sit on their device (its state follows the params)."""
+        super().on_train_start()
+        if self.restored_d_state is not None:
+            self.d_optimizer.load_state_dict(self.restored_d_state["optimizer"])
+            self.d_scheduler.load_state_dict(self.restored_d_state["scheduler"])
+            self.restored_d_state = None

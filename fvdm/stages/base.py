@@ -2,16 +2,41 @@
 from __future__ import annotations
 
 import math
+import random
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from fvdm.config import to_yaml
 
 CONFIG_KEY = "fvdm_config"  # the resolved stage config, stored as YAML in every checkpoint
+HELD_STATE_KEY = "fvdm_held_state"  # {name: state dict} of the modules a stage holds beside itself
+RNG_KEY = "fvdm_rng_state"  # the global RNGs at the checkpoint, so a resumed run draws the same noise
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of the global RNGs that training draws from (torch CPU and CUDA, numpy, random), in types
+    that ``torch.load(weights_only=True)`` accepts (Lightning's default when it resumes)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "random": [int(version), list(internal), gauss_next]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["random"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 @dataclass
@@ -34,6 +59,16 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def gathered(params: list[torch.nn.Parameter]) -> AbstractContextManager:
+    """A context in which ``params`` hold their full values: DeepSpeed's read-only gather when ZeRO-3 has
+    partitioned them, else nothing to do."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return nullcontext()
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, max_steps: int) -> dict[str, Any]:
     """AdamW over ``params`` plus the per-step LR multiplier, in Lightning's optimizer-config form."""
     if cfg.schedule not in ("constant", "cosine"):
@@ -53,16 +88,85 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, max_step
 
 
 class Stage(L.LightningModule):
-    """Base LightningModule: holds the typed config and writes it into every checkpoint."""
+    """Base LightningModule: holds the typed config and writes it into every checkpoint.
+
+    Frozen networks (VAE, teacher, EMA target, a frozen image encoder) and the discriminator heads are *held*
+    beside the module rather than registered in it: DDP and DeepSpeed's engine never see them, so they stay out
+    of the optimizer and of gradient sync, keep their fp32 weights (DeepSpeed casts its whole module to bf16)
+    and are never partitioned by ZeRO-3 (where an in-place EMA update on a partitioned copy is silently lost).
+    Every rank keeps a full copy; they move with the module at the start of fit/validate/test/predict, and
+    their states travel in checkpoints under ``HELD_STATE_KEY``.
+
+    Resume: checkpoints carry the global RNG states, restored when training restarts, and validation runs
+    leave those RNGs as they found them; with the data stream replayed (``data.resume: replay``) a resumed run
+    then repeats an uninterrupted one step for step.
+    """
 
     Config: ClassVar[type]
 
     def __init__(self, cfg: Any):
         super().__init__()
         self.cfg = cfg
+        self.held: dict[str, torch.nn.Module] = {}
+        self.restored_rng: Optional[dict[str, Any]] = None
+        self.rng_before_validation: Optional[dict[str, Any]] = None
+
+    def hold(self, name: str, module: torch.nn.Module | None) -> None:
+        """Keep ``module`` as attribute ``name`` without registering it as a submodule (see the class doc)."""
+        self._modules.pop(name, None)
+        object.__setattr__(self, name, module)
+        if module is None:
+            self.held.pop(name, None)
+        else:
+            self.held[name] = module
+
+    def place_held(self) -> None:
+        """Move the held modules to this module's device (their dtype is left alone)."""
+        for module in self.held.values():
+            module.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self.place_held()
+
+    def on_validation_start(self) -> None:
+        self.place_held()
+        self.rng_before_validation = rng_state()
+
+    def on_validation_end(self) -> None:
+        """Validation (posterior samples, say) must not shift the RNG streams training draws from."""
+        if self.rng_before_validation is not None:
+            set_rng_state(self.rng_before_validation)
+            self.rng_before_validation = None
+
+    def on_test_start(self) -> None:
+        self.place_held()
+
+    def on_predict_start(self) -> None:
+        self.place_held()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = to_yaml(self.cfg)
+        checkpoint[HELD_STATE_KEY] = {name: m.state_dict() for name, m in self.held.items()}
+        checkpoint[RNG_KEY] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the held modules (the EMA target moves during training) in place, on whatever device; keep
+        the RNG states for the start of training (setup in between may still draw)."""
+        for name, state in checkpoint.get(HELD_STATE_KEY, {}).items():
+            if name in self.held:
+                self.held[name].load_state_dict(state)
+        self.restored_rng = checkpoint.get(RNG_KEY)
+
+    def on_train_start(self) -> None:
+        if self.restored_rng is not None:
+            set_rng_state(self.restored_rng)
+            self.restored_rng = None
+
+
+def stage_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """All weights of a stage checkpoint, registered and held, as one flat ``name.key -> tensor`` dict."""
+    held = checkpoint.get(HELD_STATE_KEY, {})
+    return {**checkpoint["state_dict"], **{f"{n}.{k}": v for n, sd in held.items() for k, v in sd.items()}}
 
 
 def config_from_checkpoint(checkpoint: dict[str, Any], schema: type) -> Any:

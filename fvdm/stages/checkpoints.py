@@ -7,15 +7,37 @@ from typing import Any
 import torch
 
 from fvdm.config import ConfigError
-from fvdm.stages.base import CONFIG_KEY
+from fvdm.stages.base import CONFIG_KEY, stage_state
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint directory written under a DeepSpeed strategy (``latest`` tag file)."""
+    return (Path(path) / "latest").is_file()
+
+
+def consolidate_deepspeed(path: str | Path) -> dict[str, Any]:
+    """The fp32 checkpoint dict of a DeepSpeed (ZeRO-2/3) checkpoint directory: trained weights gathered from
+    every rank's partitions, plus the fvdm config and held modules that rank 0 stored with it."""
+    import tempfile
+
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:  # the converter insists on writing a file; it returns the dict
+        return convert_zero_checkpoint_to_fp32_state_dict(str(path), str(Path(tmp) / "consolidated.ckpt"))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A Lightning checkpoint file written by an fvdm stage (with its config)."""
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    """A checkpoint written by an fvdm stage (with its config): a Lightning file or a DeepSpeed directory."""
+    ckpt = consolidate_deepspeed(path) if is_deepspeed_checkpoint(path) else torch.load(
+        str(path), map_location="cpu", weights_only=False)
     if CONFIG_KEY not in ckpt:
         raise ConfigError(f"{path}: not an fvdm stage checkpoint (no stored config)")
     return ckpt
+
+
+def is_stage_checkpoint(path: Path) -> bool:
+    """A stage checkpoint (file or DeepSpeed directory) rather than a released Hunyuan3D-2 folder."""
+    return path.is_file() or is_deepspeed_checkpoint(path)
 
 
 def submodule_state(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -29,17 +51,17 @@ def load_pretrained_vae(path: str | Path):
     from fvdm.stages.vae import VAE_CONFIG_KEY
 
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_deepspeed_checkpoint(path):
         from fvdm.interop.hunyuan3d import load_vae
 
         return load_vae(path)
-    if not path.is_file():
-        raise ConfigError(f"init_from: {path} is neither a checkpoint file nor a Hunyuan3D-2 folder")
+    if not is_stage_checkpoint(path):
+        raise ConfigError(f"init_from: {path} is neither a checkpoint nor a Hunyuan3D-2 folder")
     ckpt = read_checkpoint(path)
     if VAE_CONFIG_KEY not in ckpt:
         raise ConfigError(f"{path}: checkpoint holds no VAE (stage {ckpt.get('stage', '?')})")
     vae = VecSetVAE(VAEConfig(**ckpt[VAE_CONFIG_KEY]))
-    vae.load_state_dict(submodule_state(ckpt["state_dict"], "vae"))
+    vae.load_state_dict(submodule_state(stage_state(ckpt), "vae"))
     return vae
 
 
@@ -63,12 +85,14 @@ def holds_dit(path: str | Path) -> bool:
     from fvdm.stages.diffusion import DIT_CONFIG_KEY
 
     path = Path(path)
+    if is_stage_checkpoint(path):
+        return DIT_CONFIG_KEY in read_checkpoint(path)
     if path.is_dir():
         import yaml
 
         config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else None
         return isinstance(config, dict) and "model" in config
-    return path.is_file() and DIT_CONFIG_KEY in read_checkpoint(path)
+    return False
 
 
 def load_diffusion(path: str | Path):
@@ -83,7 +107,7 @@ def load_diffusion(path: str | Path):
     from fvdm.stages.vae import VAE_CONFIG_KEY
 
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_deepspeed_checkpoint(path):
         from fvdm.interop.hunyuan3d import load_dit_bundle
 
         bundle = load_dit_bundle(path)
@@ -92,12 +116,12 @@ def load_diffusion(path: str | Path):
             raise ConfigError(f"init_from: {path} has no {' or '.join(absent)} part; the stages need the bundle "
                               "with its VAE and image encoder")
         return bundle.dit, bundle.vae, bundle.conditioner
-    if not path.is_file():
-        raise ConfigError(f"init_from: {path} is neither a checkpoint file nor a Hunyuan3D-2 DiT folder")
+    if not is_stage_checkpoint(path):
+        raise ConfigError(f"init_from: {path} is neither a checkpoint nor a Hunyuan3D-2 DiT folder")
     ckpt = read_checkpoint(path)
     if DIT_CONFIG_KEY not in ckpt:
         raise ConfigError(f"{path}: checkpoint holds no DiT (written by a stage before the diffusion stages?)")
-    state = ckpt["state_dict"]
+    state = stage_state(ckpt)
     dit = FlowDiT(DiTConfig(**ckpt[DIT_CONFIG_KEY]))
     dit.load_state_dict(submodule_state(state, "dit"))
     vae = VecSetVAE(VAEConfig(**ckpt[VAE_CONFIG_KEY]))
@@ -122,10 +146,10 @@ def load_teacher(path: str | Path):
     from fvdm.stages.diffusion import TEACHER_CONFIG_KEY
 
     path = Path(path)
-    if path.is_file():
+    if is_stage_checkpoint(path):
         ckpt = read_checkpoint(path)
         if yaml.safe_load(ckpt[CONFIG_KEY]).get("stage") in CONSISTENCY_STAGES:
             teacher = FlowDiT(DiTConfig(**ckpt[TEACHER_CONFIG_KEY]))
-            teacher.load_state_dict(submodule_state(ckpt["state_dict"], "teacher"))
+            teacher.load_state_dict(submodule_state(stage_state(ckpt), "teacher"))
             return teacher
     return load_diffusion(path)[0]

@@ -28,7 +28,7 @@ from fvdm.consistency import PhaseGrid, phased_grid, pseudo_huber
 from fvdm.flow import euler_step, interpolate
 from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.sampler import euler_sample, guided_velocity
-from fvdm.stages.base import OptimConfig
+from fvdm.stages.base import OptimConfig, freeze, gathered
 from fvdm.stages.checkpoints import load_diffusion, load_teacher
 from fvdm.stages.diffusion import GenerationEvalConfig, LatentDiffusionStage
 
@@ -69,18 +69,16 @@ class ConsistencyDistillation(LatentDiffusionStage):
             raise ConfigError(f"loss: unknown '{cfg.loss}' (huber or l2)")
         if not 0 <= cfg.ema_decay < 1:
             raise ConfigError(f"ema_decay: must be in [0, 1), got {cfg.ema_decay}")
-        self.dit, self.vae, self.conditioner = load_diffusion(cfg.init_from)
-        self.teacher = load_teacher(cfg.teacher_from or cfg.init_from)
-        if not self.dit.cfg.guidance_embed:
-            self.dit.add_guidance_embedding()  # ablation: CFD straight from the CFG teacher
-        self.target = copy.deepcopy(self.dit).float() if cfg.ema else None
-        self.freeze_frozen()
+        student, vae, conditioner = load_diffusion(cfg.init_from)
+        if not student.cfg.guidance_embed:
+            student.add_guidance_embedding()  # ablation: CFD straight from the CFG teacher
+        self.set_models(student, vae, conditioner)
+        self.hold("teacher", freeze(load_teacher(cfg.teacher_from or cfg.init_from)))
+        self.hold("target", freeze(copy.deepcopy(student).float()) if cfg.ema else None)
+        self.prepare_dits()
         self.check_latent_cache()
         self.few_step = torch.nn.ModuleDict({
             f"{who}{k}": OccupancyIoU() for who in ("student", "teacher") for k in cfg.eval.student_steps})
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return [self.vae, self.conditioner, self.teacher] + ([self.target] if self.target is not None else [])
 
     def guidance_vector(self, like: torch.Tensor) -> torch.Tensor:
         return torch.full((like.shape[0],), self.cfg.guidance, device=like.device)
@@ -118,18 +116,21 @@ class ConsistencyDistillation(LatentDiffusionStage):
 
     @torch.no_grad()
     def update_target(self) -> None:
-        """target <- decay * target + (1 - decay) * student, in fp32 (buffers copied)."""
+        """target <- decay * target + (1 - decay) * student, in fp32 (buffers copied). Under ZeRO-3 each
+        student module's partitioned parameters are gathered (read-only) for its share of the update."""
         if self.target is None:
             return
         d = self.cfg.ema_decay
-        for p_t, p_s in zip(self.target.parameters(), self.dit.parameters()):
-            p_t.mul_(d).add_(p_s.detach().float(), alpha=1 - d)
+        for module_t, module_s in zip(self.target.modules(), self.dit.modules()):
+            params_s = list(module_s.parameters(recurse=False))
+            with gathered(params_s):
+                for p_t, p_s in zip(module_t.parameters(recurse=False), params_s):
+                    p_t.mul_(d).add_(p_s.detach().float(), alpha=1 - d)
         for b_t, b_s in zip(self.target.buffers(), self.dit.buffers()):
             b_t.copy_(b_s)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.automatic_optimization:  # manual optimization (adversarial) updates it after generator steps
-            self.update_target()
+        self.update_target()
 
     def few_step_sample(self, noise: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
         """The student's ``steps``-step sample on the phased grid of its phases."""
@@ -154,6 +155,8 @@ class ConsistencyDistillation(LatentDiffusionStage):
         for k in e.student_steps:
             samples = {"student": self.few_step_sample(noise, cond, k),
                        "teacher": euler_sample(self.teacher, noise, cond, uncond, steps=k, guidance=e.guidance)}
+            if batch_idx == 0 and k == max(e.student_steps):
+                self.save_samples(samples["student"], batch)
             for who, latents in samples.items():
                 metric = self.few_step[f"{who}{k}"]
                 metric.update(field(latents), reference)

@@ -7,15 +7,20 @@ released Hunyuan3D-2 bundle, so one file is enough to sample, evaluate, export o
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 from torchmetrics import MeanMetric
 
+from fvdm.callbacks.reconstruction import EvalSettings, write_mesh_files
 from fvdm.config import ConfigError
 from fvdm.data.datamodule import ShapeDataModule
 from fvdm.data.latents import read_index, vae_fingerprint
+from fvdm.decoding.mesh import decode_mesh
 from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.models.conditioner import ImageConditioner
 from fvdm.models.dit import FlowDiT
@@ -36,6 +41,8 @@ class GenerationEvalConfig:
     guidance: float = 5.0
     max_batches: Optional[int] = 4  # validation batches evaluated per rank (None: all)
     seed: int = 0  # noise of batch i is drawn from seed + i, so evaluations compare like with like
+    saved_meshes: int = 4  # samples of validation batch 0 saved as PLY + preview to MLflow (rank zero)
+    mesh_resolution: int = 64  # marching-cubes cells per axis of those meshes
 
 
 def occupancy_iou(vae: VecSetVAE, latents: torch.Tensor, points: torch.Tensor, reference_sdf: torch.Tensor,
@@ -72,25 +79,30 @@ class LatentDiffusionStage(Stage):
                               f"with {self.vae.scale_factor}; cache them with --scale vae")
         return scale
 
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        """Modules held in eval mode without gradients (the VAE, a frozen conditioner, a teacher)."""
-        return [self.vae] + ([] if self.conditioner.trainable else [self.conditioner])
+    def set_models(self, dit: FlowDiT, vae: VecSetVAE, conditioner: ImageConditioner,
+                   train_conditioner: bool = False) -> None:
+        """Register the trained DiT (and the image encoder when ``train_conditioner``); hold the frozen VAE and
+        a frozen image encoder beside the module (``Stage.hold``)."""
+        self.dit = dit
+        self.hold("vae", freeze(vae))
+        if train_conditioner:
+            self.conditioner = conditioner
+        else:
+            self.hold("conditioner", freeze(conditioner))
 
-    def freeze_frozen(self) -> None:
-        for module in self.frozen_modules():
-            freeze(module)
+    def prepare_dits(self) -> None:
+        """Apply ``trainer.activation_checkpointing`` (to the trained DiT) and ``trainer.compile`` (to every DiT
+        the stage runs); called once the stage holds all of them."""
+        self.dit.checkpoint_blocks = self.cfg.trainer.activation_checkpointing
+        if self.cfg.trainer.compile:
+            for dit in [self.dit] + [m for m in self.held.values() if isinstance(m, FlowDiT)]:
+                dit.compile_blocks()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over what trains: the DiT, and the image encoder when it is not frozen (the ``small`` one in
-        the ``flow`` stage); frozen modules never enter the optimizer."""
-        params = [p for m in (self.dit, self.conditioner) for p in m.parameters() if p.requires_grad]
-        return build_optimizer(params, self.cfg.optim, self.cfg.trainer.max_steps)
-
-    def train(self, mode: bool = True) -> "LatentDiffusionStage":
-        super().train(mode)
-        for module in self.frozen_modules():
-            module.eval()  # frozen modules stay in eval mode whatever Lightning asks
-        return self
+        """AdamW over the registered trainable parameters: the DiT, and the image encoder when it is not frozen
+        (the ``small`` one in the ``flow`` stage); held modules never enter the optimizer."""
+        return build_optimizer([p for p in self.parameters() if p.requires_grad], self.cfg.optim,
+                               self.cfg.trainer.max_steps)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -121,6 +133,25 @@ class LatentDiffusionStage(Stage):
         """Fixed noise for validation batch ``batch_idx`` (same at every evaluation and in every stage)."""
         g = torch.Generator().manual_seed(self.cfg.eval.seed + batch_idx)
         return torch.randn(like.shape, generator=g).to(like)
+
+    def save_samples(self, latents: torch.Tensor, batch: dict[str, Any]) -> None:
+        """The first ``eval.saved_meshes`` of DiT-space ``latents`` [B, N, C] (samples for validation batch 0) as
+        PLY meshes and a preview beside the ground-truth surface points, logged to MLflow under
+        ``samples/step_NNNNNNN`` (rank zero; nothing without an MLflow logger)."""
+        e = self.cfg.eval
+        count = min(e.saved_meshes, latents.shape[0])
+        loggers = [logger for logger in self.loggers if isinstance(logger, MLFlowLogger)]
+        if count == 0 or not loggers or not self.trainer.is_global_zero:
+            return
+        meshes = decode_mesh(self.vae, latents[:count] / self.vae.scale_factor, e.mesh_resolution)
+        keys = batch.get("key") or [f"sample{i}" for i in range(count)]
+        kept = [(str(keys[i]), mesh, batch["surface"][i, :, :3].float().cpu().numpy())
+                for i, mesh in enumerate(meshes)]
+        with tempfile.TemporaryDirectory() as tmp:
+            settings = EvalSettings(num_saved_meshes=count, preview_shapes=count, seed=e.seed)
+            for path in write_mesh_files(Path(tmp), kept, settings):
+                for logger in loggers:
+                    logger.experiment.log_artifact(logger.run_id, str(path), f"samples/step_{self.global_step:07d}")
 
     def log_metric(self, name: str, metric: Any, batch_size: int) -> None:
         self.log(name, metric, on_step=False, on_epoch=True, batch_size=batch_size)

@@ -57,20 +57,21 @@ class FlowStage(LatentDiffusionStage):
         super().__init__(cfg)
         cfg.timesteps.validate()
         if cfg.init_from:
-            self.dit, self.vae, self.conditioner = load_diffusion(cfg.init_from)
-            if self.dit.cfg.guidance_embed:
+            dit, vae, conditioner = load_diffusion(cfg.init_from)
+            if dit.cfg.guidance_embed:
                 raise ConfigError(f"init_from: {cfg.init_from} is guidance-distilled; the flow stage trains "
                                   "a CFG teacher (guidance_embed false)")
         else:
             if not cfg.vae_from:
                 raise ConfigError("vae_from: the flow stage needs a VAE (vae checkpoint or Hunyuan3D-2 folder)")
-            self.vae = load_pretrained_vae(cfg.vae_from)
-            self.conditioner = build_conditioner(cfg.conditioner)
-            self.dit = FlowDiT(dataclasses.replace(cfg.dit, in_channels=self.vae.cfg.embed_dim,
-                                                   context_in_dim=self.conditioner.out_dim))
-        if not self.vae.has_encoder:
+            vae = load_pretrained_vae(cfg.vae_from)
+            conditioner = build_conditioner(cfg.conditioner)
+            dit = FlowDiT(dataclasses.replace(cfg.dit, in_channels=vae.cfg.embed_dim,
+                                              context_in_dim=conditioner.out_dim))
+        if not vae.has_encoder:
             raise ConfigError("vae_from: a decoder-only VAE cannot make training latents; use one with an encoder")
-        self.freeze_frozen()
+        self.set_models(dit, vae, conditioner, train_conditioner=conditioner.trainable)
+        self.prepare_dits()
         cached_scale = self.check_latent_cache(scale_fixed=bool(cfg.init_from))
         self.register_buffer("scale_ready", torch.tensor(cfg.latent_scale != "auto" or bool(cfg.init_from)
                                                          or cached_scale is not None))
@@ -119,6 +120,8 @@ class FlowStage(LatentDiffusionStage):
         points, sdf = batch["vol"][..., :3], batch["vol"][..., 3]
         guided = euler_sample(self.dit, noise, cond, uncond, steps=e.steps, guidance=e.guidance)
         unconditional = euler_sample(self.dit, noise, uncond, None, steps=e.steps)
+        if batch_idx == 0:
+            self.save_samples(guided, batch)
         occupancy_iou(self.vae, guided, points, sdf, self.gen_iou)
         occupancy_iou(self.vae, unconditional, points, sdf, self.uncond_iou)
         occupancy_iou(self.vae, x1, points, sdf, self.recon_iou)

@@ -25,7 +25,7 @@ from fvdm.config import ConfigError, RunConfig
 from fvdm.flow import TimestepSampling, interpolate, sample_timesteps
 from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.sampler import euler_sample, guided_velocity
-from fvdm.stages.base import OptimConfig
+from fvdm.stages.base import OptimConfig, freeze
 from fvdm.stages.checkpoints import load_diffusion
 from fvdm.stages.diffusion import GenerationEvalConfig, LatentDiffusionStage, mean_metrics, occupancy_iou
 
@@ -55,20 +55,18 @@ class GuidanceDistillation(LatentDiffusionStage):
         if not 0 < cfg.guidance_min <= cfg.guidance_max:
             raise ConfigError(f"guidance_min/guidance_max: need 0 < min <= max, got {cfg.guidance_min}, "
                               f"{cfg.guidance_max}")
-        teacher, self.vae, self.conditioner = load_diffusion(cfg.init_from)
+        teacher, vae, conditioner = load_diffusion(cfg.init_from)
         if teacher.cfg.guidance_embed:
             raise ConfigError(f"init_from: {cfg.init_from} already has a guidance embedding; guidance "
                               "distillation starts from a CFG teacher")
-        self.dit = copy.deepcopy(teacher)
-        self.dit.add_guidance_embedding()
-        self.teacher = teacher
-        self.freeze_frozen()
+        student = copy.deepcopy(teacher)
+        student.add_guidance_embedding()
+        self.set_models(student, vae, conditioner)
+        self.hold("teacher", freeze(teacher))
+        self.prepare_dits()
         self.check_latent_cache()
         self.band_error = mean_metrics([f"val/vel_rel_err_t{i}" for i in range(TIME_BANDS)])
         self.student_vs_teacher, self.student_iou, self.teacher_iou = OccupancyIoU(), OccupancyIoU(), OccupancyIoU()
-
-    def frozen_modules(self) -> list[torch.nn.Module]:
-        return [self.vae, self.conditioner, self.teacher]
 
     @torch.no_grad()
     def teacher_velocity(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -111,6 +109,8 @@ class GuidanceDistillation(LatentDiffusionStage):
         uncond = self.conditioner.unconditional(b, cond.device, cond.dtype)
         student = euler_sample(self.dit, noise, cond, None, steps=e.steps, guidance=e.guidance)
         teacher = euler_sample(self.teacher, noise, cond, uncond, steps=e.steps, guidance=e.guidance)
+        if batch_idx == 0:
+            self.save_samples(student, batch)
         points, sdf = batch["vol"][..., :3], batch["vol"][..., 3]
         teacher_sdf = self.vae.query(self.vae.decode(teacher / self.vae.scale_factor), points)
         occupancy_iou(self.vae, student, points, teacher_sdf, self.student_vs_teacher)
