@@ -62,6 +62,8 @@ class TrainerConfig:
     val_every_n_steps: int = 500
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 500
+    monitor: Optional[str] = None  # keep checkpoints/best.ckpt by this metric (e.g. val/gen_v_iou): init_from=RUN:best
+    monitor_mode: str = "max"  # max | min
     seed: int = 0
     deterministic: bool = False
 

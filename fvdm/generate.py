@@ -15,7 +15,8 @@ from fvdm.consistency import phased_grid, turbo_grid
 from fvdm.decoding.mesh import Mesh, decode_mesh
 from fvdm.sampler import euler_sample
 from fvdm.stages.base import CONFIG_KEY
-from fvdm.stages.checkpoints import CONSISTENCY_STAGES, is_deepspeed_checkpoint, load_diffusion, read_checkpoint
+from fvdm.stages.checkpoints import (CONSISTENCY_STAGES, is_deepspeed_checkpoint, load_diffusion, read_checkpoint,
+                                     resolve_checkpoint)
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -32,8 +33,9 @@ def sampling_grid(checkpoint: str | Path, steps: int, grid: str = "auto") -> tor
     """The time grid for ``steps`` steps: ``euler`` (uniform; None), ``phased`` (a consistency student's phase
     edges), ``turbo`` (the released turbo scheduler's), or ``auto``: phased for consistency and adversarial
     checkpoints, turbo for released bundles with the consistency scheduler, else Euler."""
+    checkpoint = resolve_checkpoint(checkpoint)
     if grid == "auto":
-        path = Path(checkpoint)
+        path = checkpoint
         if path.is_dir() and not is_deepspeed_checkpoint(path):
             scheduler = (yaml.safe_load((path / "config.yaml").read_text()).get("scheduler") or {})
             grid = "turbo" if "Consistency" in str(scheduler.get("target", "")) else "euler"

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fvdm.config import TrackingConfig, flatten, to_yaml
+from fvdm.config import ConfigError, TrackingConfig, flatten, to_yaml
 
 RUN_ID_FILE = "mlflow_run_id"
 STORE_FILE = "mlflow.db"  # the embedded store, directly under the run root
@@ -54,7 +54,12 @@ def lineage_tags(cfg: Any, client: MlflowClient) -> dict[str, str]:
     source = getattr(cfg, "init_from", None) or getattr(cfg, "vae_from", None)
     if not source:
         return {}
-    parent = Path(source).resolve()
+    from fvdm.stages.checkpoints import resolve_checkpoint
+
+    try:
+        parent = resolve_checkpoint(source).resolve()
+    except ConfigError:  # reported by the stage itself, with its context
+        parent = Path(source).resolve()
     tags = {"parent": str(parent)}
     run_id = recorded_run_id(parent.parent.parent) if parent.parent.name == "checkpoints" else None
     if run_id:

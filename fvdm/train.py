@@ -76,6 +76,21 @@ class SlurmRequeue(Callback):
             signal.signal(self.signum, self.previous)
 
 
+def best_checkpoint(cfg: Any) -> list[ModelCheckpoint]:
+    """With ``trainer.monitor`` set: a ModelCheckpoint keeping ``checkpoints/best.ckpt`` by that metric (what
+    ``init_from=RUN_DIR:best`` loads). It checks after each validation, or every ``eval.every_n_steps`` in the
+    VAE stages, whose metrics come from the ReconstructionEval callback at that interval."""
+    t = cfg.trainer
+    if t.monitor is None:
+        return []
+    if t.monitor_mode not in ("max", "min"):
+        raise ConfigError(f"trainer.monitor_mode: '{t.monitor_mode}' (max or min)")
+    every = getattr(getattr(cfg, "eval", None), "every_n_steps", None)
+    return [ModelCheckpoint(dirpath=cfg.run_dir / "checkpoints", filename="best", monitor=t.monitor,
+                            mode=t.monitor_mode, save_top_k=1, auto_insert_metric_name=False,
+                            every_n_train_steps=every, enable_version_counter=False)]
+
+
 def build_trainer(cfg: Any, logger: Any) -> L.Trainer:
     """The Trainer of a run: checkpoints every ``checkpoint_every_n_steps`` plus ``last``, strategy from config."""
     t = cfg.trainer
@@ -105,7 +120,8 @@ def build_trainer(cfg: Any, logger: Any) -> L.Trainer:
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
         logger=logger,
-        callbacks=[checkpoints] + ([LearningRateMonitor(logging_interval="step")] if logger else [])
+        callbacks=[checkpoints, *best_checkpoint(cfg)]
+        + ([LearningRateMonitor(logging_interval="step")] if logger else [])
         + ([SlurmRequeue(slurm.requeue_signal)] if slurm else []),
         default_root_dir=str(cfg.run_dir),
         enable_progress_bar=True,

@@ -44,7 +44,8 @@ def vae_ckpt(tmp_path_factory):
 def flow_run(synth_data, vae_ckpt, tmp_path_factory):
     run_root = tmp_path_factory.mktemp("runs")
     assert main(["train", *args(synth_data, run_root, "flow", f"vae_from={vae_ckpt}", "trainer.max_steps=4",
-                                "trainer.val_every_n_steps=4", "trainer.checkpoint_every_n_steps=2")]) == 0
+                                "trainer.val_every_n_steps=4", "trainer.checkpoint_every_n_steps=2",
+                                "trainer.monitor=val/gen_v_iou")]) == 0
     return run_root
 
 
@@ -194,8 +195,7 @@ def test_convert_exports_a_diffusion_checkpoint_as_a_bundle(flow_run, tmp_path):
 @pytest.fixture(scope="module")
 def guidance_ckpt(synth_data, flow_run, tmp_path_factory):
     run_root = tmp_path_factory.mktemp("guidance")
-    assert main(["train", *args(synth_data, run_root, "guidance",
-                                f"init_from={flow_run / 'flow' / 'checkpoints' / 'last.ckpt'}",
+    assert main(["train", *args(synth_data, run_root, "guidance", f"init_from={flow_run / 'flow'}:best",
                                 "trainer.max_steps=2", "trainer.val_every_n_steps=100")]) == 0
     return run_root / "guidance" / "checkpoints" / "last.ckpt"
 
@@ -375,6 +375,21 @@ def test_adversarial_stage_steps_both_networks_and_chains(synth_data, guidance_c
     original = load_diffusion(guidance_ckpt)[0].state_dict()
     kept = load_teacher(run_root / "adversarial" / "checkpoints" / "last.ckpt").state_dict()
     assert all(torch.equal(original[k], kept[k]) for k in original)
+
+
+def test_init_from_names_a_run(flow_run, tmp_path):
+    from fvdm.config import ConfigError
+    from fvdm.stages.checkpoints import resolve_checkpoint
+
+    run = flow_run / "flow"
+    assert resolve_checkpoint(run) == resolve_checkpoint(f"{run}:last") == run / "checkpoints" / "last.ckpt"
+    assert resolve_checkpoint(f"{run}:best") == run / "checkpoints" / "best.ckpt"  # kept by trainer.monitor
+    assert resolve_checkpoint(tmp_path / "model.ckpt") == tmp_path / "model.ckpt"  # anything else as given
+    (tmp_path / "other" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="set trainer.monitor"):
+        resolve_checkpoint(f"{tmp_path / 'other'}:best")
+    with pytest.raises(ConfigError, match="not a run directory"):
+        resolve_checkpoint(f"{tmp_path}:last")
 
 
 def test_flow_without_a_vae_is_a_config_error(synth_data, tmp_path, capsys):

@@ -35,7 +35,8 @@ def metrics_of(run_root: Path, name: str) -> dict[str, float]:
 def vae_run(synth_data, tmp_path_factory):
     run_root = tmp_path_factory.mktemp("runs")
     assert main(["train", *args(synth_data, run_root, "vae", "vae.num_latents=32", "trainer.max_steps=6",
-                                "trainer.checkpoint_every_n_steps=3", "eval.every_n_steps=3")]) == 0
+                                "trainer.checkpoint_every_n_steps=3", "eval.every_n_steps=3",
+                                "trainer.monitor=val/v_iou")]) == 0
     return run_root
 
 
@@ -64,9 +65,9 @@ def test_resume_continues_same_run(vae_run, synth_data):
 def test_decoder_finetune_freezes_encoder(vae_run, synth_data, tmp_path):
     from fvdm.models.vae import flops_per_query
 
-    teacher_ckpt = vae_run / "vae" / "checkpoints" / "last.ckpt"
+    teacher_ckpt = vae_run / "vae" / "checkpoints" / "best.ckpt"  # kept by trainer.monitor=val/v_iou
     teacher = load_pretrained_vae(teacher_ckpt)
-    assert main(["train", *args(synth_data, tmp_path, "decoder_ft", f"init_from={teacher_ckpt}",
+    assert main(["train", *args(synth_data, tmp_path, "decoder_ft", f"init_from={vae_run / 'vae'}:best",
                                 "trainer.max_steps=3", "eval.every_n_steps=100")]) == 0
     student = load_pretrained_vae(tmp_path / "decoder_ft" / "checkpoints" / "last.ckpt")
     t, s = teacher.state_dict(), student.state_dict()

@@ -10,6 +10,26 @@ from fvdm.config import ConfigError
 from fvdm.stages.base import CONFIG_KEY, stage_state
 
 
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """An ``init_from`` / ``vae_from`` / ``teacher_from`` value as a path: a run directory (``{run_root}/{name}``)
+    means its ``checkpoints/last.ckpt``; ``RUN_DIR:last`` and ``RUN_DIR:best`` pick that run's last checkpoint or
+    the best one by ``trainer.monitor``; anything else (a checkpoint file, a DeepSpeed checkpoint directory, a
+    released Hunyuan3D-2 folder) is taken as it is."""
+    text = str(spec)
+    run, colon, which = text.rpartition(":")
+    path = Path(run) if colon and which in ("last", "best") else Path(text)
+    which = which if colon and which in ("last", "best") else "last"
+    if not (path / "checkpoints").is_dir():
+        if text.endswith((":last", ":best")):
+            raise ConfigError(f"{text}: {path} is not a run directory (no checkpoints/ inside)")
+        return path
+    ckpt = path / "checkpoints" / f"{which}.ckpt"
+    if not ckpt.exists():
+        hint = " (the run kept no best checkpoint: set trainer.monitor)" if which == "best" else ""
+        raise ConfigError(f"{text}: no {ckpt}{hint}")
+    return ckpt
+
+
 def is_deepspeed_checkpoint(path: str | Path) -> bool:
     """Whether ``path`` is a checkpoint directory written under a DeepSpeed strategy (``latest`` tag file)."""
     return (Path(path) / "latest").is_file()
@@ -50,7 +70,7 @@ def load_pretrained_vae(path: str | Path):
     from fvdm.models.vae import VAEConfig, VecSetVAE
     from fvdm.stages.vae import VAE_CONFIG_KEY
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if path.is_dir() and not is_deepspeed_checkpoint(path):
         from fvdm.interop.hunyuan3d import load_vae
 
@@ -84,7 +104,7 @@ def holds_dit(path: str | Path) -> bool:
     """Whether ``path`` is a diffusion-stage checkpoint or a released DiT folder (else a VAE is expected)."""
     from fvdm.stages.diffusion import DIT_CONFIG_KEY
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if is_stage_checkpoint(path):
         return DIT_CONFIG_KEY in read_checkpoint(path)
     if path.is_dir():
@@ -106,7 +126,7 @@ def load_diffusion(path: str | Path):
     from fvdm.stages.diffusion import CONDITIONER_CONFIG_KEY, DIT_CONFIG_KEY
     from fvdm.stages.vae import VAE_CONFIG_KEY
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if path.is_dir() and not is_deepspeed_checkpoint(path):
         from fvdm.interop.hunyuan3d import load_dit_bundle
 
@@ -145,7 +165,7 @@ def load_teacher(path: str | Path):
     from fvdm.models.dit import DiTConfig, FlowDiT
     from fvdm.stages.diffusion import TEACHER_CONFIG_KEY
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if is_stage_checkpoint(path):
         ckpt = read_checkpoint(path)
         if yaml.safe_load(ckpt[CONFIG_KEY]).get("stage") in CONSISTENCY_STAGES:
