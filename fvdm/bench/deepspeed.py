@@ -35,7 +35,7 @@ from fvdm.stages import get_stage
 from fvdm.stages.base import CONFIG_KEY, HELD_STATE_KEY, gathered
 from fvdm.train import build_trainer
 
-STRATEGIES = {"ddp": ["trainer.strategy=ddp"], "zero2": ["trainer.deepspeed=zero2"],
+STRATEGIES = {"ddp": ["trainer.strategy=ddp", "trainer.deepspeed=null"], "zero2": ["trainer.deepspeed=zero2"],
               "zero3": ["trainer.deepspeed=zero3"]}
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16
 
