@@ -15,8 +15,8 @@ from fvdm.consistency import phased_grid, turbo_grid
 from fvdm.decoding.mesh import Mesh, decode_mesh
 from fvdm.sampler import euler_sample
 from fvdm.stages.base import CONFIG_KEY
-from fvdm.stages.checkpoints import (CONSISTENCY_STAGES, is_deepspeed_checkpoint, load_diffusion, read_checkpoint,
-                                     resolve_checkpoint)
+from fvdm.stages.checkpoints import (CONSISTENCY_STAGES, is_deepspeed_checkpoint, load_diffusion,
+                                     read_stored_config, resolve_checkpoint)
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -40,14 +40,14 @@ def sampling_grid(checkpoint: str | Path, steps: int, grid: str = "auto") -> tor
             scheduler = (yaml.safe_load((path / "config.yaml").read_text()).get("scheduler") or {})
             grid = "turbo" if "Consistency" in str(scheduler.get("target", "")) else "euler"
         else:
-            stored = yaml.safe_load(read_checkpoint(path)[CONFIG_KEY])
+            stored = yaml.safe_load(read_stored_config(path)[CONFIG_KEY])
             grid = "phased" if stored.get("stage") in CONSISTENCY_STAGES else "euler"
     if grid == "euler":
         return None
     if grid == "turbo":
         return turbo_grid(steps)
     if grid == "phased":
-        stored = yaml.safe_load(read_checkpoint(checkpoint)[CONFIG_KEY])
+        stored = yaml.safe_load(read_stored_config(checkpoint)[CONFIG_KEY])
         return phased_grid(steps, int(stored.get("grid", {}).get("phases", 1)))
     raise ValueError(f"--grid: unknown '{grid}' (auto, euler, phased or turbo)")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -32,15 +33,17 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     found = [p for p in [run_dir / "checkpoints" / "last.ckpt", *hpc[-1:]] if p.exists()]
 
     def global_step(path: Path) -> int:  # mmap: reads the metadata, not the weights
-        states = path / "checkpoint" / "mp_rank_00_model_states.pt" if path.is_dir() else path  # DeepSpeed: a folder
-        return torch.load(states, map_location="cpu", mmap=True, weights_only=False)["global_step"]
+        if path.is_dir():  # DeepSpeed: rank 0's model-states file (ZeRO-3 prefixes it with zero_pp_rank_0_)
+            path = sorted((path / "checkpoint").glob("*mp_rank_00_model_states.pt"))[0]
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"]
 
     return max(found, key=global_step, default=None)
 
 
 class SlurmRequeue(Callback):
     """On ``signum`` (SLURM's ``--signal`` before the time limit) save ``hpc_ckpt_<n>.ckpt`` in the run dir at the
-    end of the current step, requeue the job with ``scontrol requeue`` and stop.
+    end of the current step, end training there, and requeue the job with ``scontrol requeue`` once the run has
+    finished logging (a requeue kills the job's processes).
 
     Lightning's own handler (``SLURMEnvironment(auto_requeue=True)``) saves inside the signal handler, wherever in
     the step the signal lands: with several ranks the save's barrier can pair with another rank's gradient
@@ -50,30 +53,36 @@ class SlurmRequeue(Callback):
     def __init__(self, signum: signal.Signals) -> None:
         self.signum = signum
         self.received = False
+        self.saved = False
         self.previous: Any = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.previous = signal.signal(self.signum, self.receive)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.previous = signal.signal(self.signum, self.receive)  # before DeepSpeed init and checkpoint loading
 
     def receive(self, signum: int, frame: Any) -> None:
         self.received = True
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received, all=False):
+        if self.saved or not trainer.strategy.reduce_boolean_decision(self.received, all=False):
             return
         run_dir = Path(trainer.default_root_dir)
-        n = max((int(p.stem.rpartition("_")[2]) for p in run_dir.glob("hpc_ckpt_*.ckpt")), default=0) + 1
+        older = list(run_dir.glob("hpc_ckpt_*.ckpt"))
+        n = max((int(p.stem.rpartition("_")[2]) for p in older), default=0) + 1
         trainer.save_checkpoint(trainer.strategy.broadcast(run_dir / f"hpc_ckpt_{n}.ckpt"))  # rank 0's name, all ranks
         if trainer.is_global_zero:
-            array = os.environ.get("SLURM_ARRAY_JOB_ID")
-            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
-            rank_zero_info(f"fvdm: saved {trainer.global_step} steps; requeueing SLURM job {job}")
-            subprocess.run(["scontrol", "requeue", job], check=True)  # a failure fails the job: no afterok
-        trainer.should_stop = True
+            for path in older:  # superseded by the one just written
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.saved = True
+        trainer.fit_loop.epoch_loop.max_steps = trainer.global_step  # end here; should_stop would first validate
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.previous is not None:
             signal.signal(self.signum, self.previous)
+        if self.saved and trainer.is_global_zero:
+            array = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
+            rank_zero_info(f"fvdm: saved {trainer.global_step} steps; requeueing SLURM job {job}")
+            subprocess.run(["scontrol", "requeue", job], check=True)  # a failure fails the job: no afterok
 
 
 def best_checkpoint(cfg: Any) -> list[ModelCheckpoint]:
@@ -144,7 +153,8 @@ def train(args: Sequence[str], resume: bool | str = False) -> tuple[Any, L.Train
 
     L.seed_everything(cfg.trainer.seed, workers=True)
     logger = False
-    if rank_zero_only.rank == 0:  # only rank 0 tracks: ranks started together (srun) would race on the store
+    if rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:  # only global rank 0 tracks: ranks
+        # started together (srun) would race on the store; Lightning's own launcher numbers ranks per node
         logger = make_logger(cfg, run_dir, resume=ckpt is not None)
         start_run(logger, cfg, run_dir)
     module = stage_cls(cfg)

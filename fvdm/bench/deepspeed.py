@@ -65,7 +65,7 @@ class Probe(Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
         self.ema_exact: list[bool] = []
-        self.expected: Optional[list[torch.Tensor]] = None
+        self.target_before: Optional[list[torch.Tensor]] = None
         self.teacher_before: Optional[dict[str, torch.Tensor]] = None
         self.teacher_kept: Optional[bool] = None
         self.heads_agree: Optional[bool] = None
@@ -74,26 +74,22 @@ class Probe(Callback):
         if getattr(m, "teacher", None) is not None:
             self.teacher_before = {k: v.clone() for k, v in m.teacher.state_dict().items()}
 
+    def on_train_batch_start(self, trainer: L.Trainer, m: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if getattr(m, "target", None) is not None:
+            self.target_before = [p.detach().clone() for p in m.target.parameters()]
+
     def on_train_batch_end(self, trainer: L.Trainer, m: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """Runs before the stage's own hook, i.e. after the optimizer step and before the EMA update."""
+        """After the step: the target must be decay * its value before + (1 - decay) * the stepped student."""
         self.losses.append(float(outputs["loss"]))
-        if getattr(m, "target", None) is not None:
+        if self.target_before is not None:
             d = m.cfg.ema_decay
             with gathered(list(m.dit.parameters())):
-                self.expected = [p_t.mul(d).add(p_s.detach().float(), alpha=1 - d)
-                                 for p_t, p_s in zip(m.target.parameters(), m.dit.parameters())]
-
-    def check_ema(self, m: L.LightningModule) -> None:
-        if self.expected is not None:
-            self.ema_exact.append(all(torch.equal(e, p) for e, p in zip(self.expected, m.target.parameters())))
-            self.expected = None
-
-    def on_train_batch_start(self, trainer: L.Trainer, m: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self.check_ema(m)
+                expected = [p_t.mul(d).add(p_s.detach().float(), alpha=1 - d)
+                            for p_t, p_s in zip(self.target_before, m.dit.parameters())]
+            self.ema_exact.append(all(torch.equal(e, p) for e, p in zip(expected, m.target.parameters())))
 
     def on_train_end(self, trainer: L.Trainer, m: L.LightningModule) -> None:
-        self.check_ema(m)
         if self.teacher_before is not None:
             now = m.teacher.state_dict()
             self.teacher_kept = all(v.dtype == torch.float32 and torch.equal(v, now[k])

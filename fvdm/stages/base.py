@@ -10,6 +10,7 @@ from typing import Any, ClassVar, Optional
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import OmegaConf
 
 from fvdm.config import to_yaml
@@ -20,23 +21,39 @@ RNG_KEY = "fvdm_rng_state"  # the global RNGs at the checkpoint, so a resumed ru
 
 
 def rng_state() -> dict[str, Any]:
-    """The states of the global RNGs that training draws from (torch CPU and CUDA, numpy, random), in types
-    that ``torch.load(weights_only=True)`` accepts (Lightning's default when it resumes)."""
+    """The states of the global RNGs that training draws from (torch CPU, this process's CUDA device, numpy,
+    random), in types that ``torch.load(weights_only=True)`` accepts (Lightning's default when it resumes)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
             "random": [int(version), list(internal), gauss_next]}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["random"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and random."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def all_ranks(obj: Any) -> list[Any]:
+    """``obj`` of every rank, in rank order (a list of one without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    gathered_objs: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered_objs, obj)
+    return gathered_objs
 
 
 @dataclass
@@ -97,9 +114,9 @@ class Stage(L.LightningModule):
     Every rank keeps a full copy; they move with the module at the start of fit/validate/test/predict, and
     their states travel in checkpoints under ``HELD_STATE_KEY``.
 
-    Resume: checkpoints carry the global RNG states, restored when training restarts, and validation runs
-    leave those RNGs as they found them; with the data stream replayed (``data.resume: replay``) a resumed run
-    then repeats an uninterrupted one step for step.
+    RNGs: each rank draws its own noise (seeded ``trainer.seed + rank`` when training starts); checkpoints carry
+    every rank's RNG states, restored when training restarts, and validation leaves the RNGs as it found them;
+    with the data stream replayed (``data.resume: replay``) a resumed run repeats an uninterrupted one exactly.
     """
 
     Config: ClassVar[type]
@@ -128,6 +145,11 @@ class Stage(L.LightningModule):
     def on_fit_start(self) -> None:
         self.place_held()
 
+    def teardown(self, stage: str) -> None:
+        """Back to the CPU with the module, as Lightning leaves it after ``fit``."""
+        for module in self.held.values():
+            module.cpu()
+
     def on_validation_start(self) -> None:
         self.place_held()
         self.rng_before_validation = rng_state()
@@ -147,7 +169,7 @@ class Stage(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[CONFIG_KEY] = to_yaml(self.cfg)
         checkpoint[HELD_STATE_KEY] = {name: m.state_dict() for name, m in self.held.items()}
-        checkpoint[RNG_KEY] = rng_state()
+        checkpoint[RNG_KEY] = all_ranks(rng_state())  # every rank's, gathered: each draws its own noise
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore the held modules (the EMA target moves during training) in place, on whatever device; keep
@@ -158,9 +180,18 @@ class Stage(L.LightningModule):
         self.restored_rng = checkpoint.get(RNG_KEY)
 
     def on_train_start(self) -> None:
-        if self.restored_rng is not None:
-            set_rng_state(self.restored_rng)
-            self.restored_rng = None
+        """Each rank draws its own noise: a fresh run seeds rank r with ``trainer.seed + r`` (the models were built
+        before, from the shared seed, so they start equal); a resumed one restores every rank's RNG states,
+        or, on another number of ranks, seeds ``trainer.seed + r + global step`` and warns."""
+        rank, world = self.global_rank, self.trainer.world_size
+        if self.restored_rng is not None and len(self.restored_rng) == world:
+            set_rng_state(self.restored_rng[rank])
+        else:
+            if self.restored_rng is not None:
+                rank_zero_warn(f"resume: the checkpoint holds the RNG states of {len(self.restored_rng)} ranks, this "
+                               f"run has {world}; reseeding (the noise will not repeat the first run's)")
+            seed_rngs(self.cfg.trainer.seed + rank + self.global_step)
+        self.restored_rng = None
 
 
 def stage_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from fvdm.config import ConfigError
-from fvdm.stages.base import CONFIG_KEY, stage_state
+from fvdm.stages.base import CONFIG_KEY, HELD_STATE_KEY, stage_state
 
 
 def resolve_checkpoint(spec: str | Path) -> Path:
@@ -50,6 +50,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint written by an fvdm stage (with its config): a Lightning file or a DeepSpeed directory."""
     ckpt = consolidate_deepspeed(path) if is_deepspeed_checkpoint(path) else torch.load(
         str(path), map_location="cpu", weights_only=False)
+    if CONFIG_KEY not in ckpt:
+        raise ConfigError(f"{path}: not an fvdm stage checkpoint (no stored config)")
+    return ckpt
+
+
+def read_stored_config(path: str | Path) -> dict[str, Any]:
+    """A stage checkpoint's stored entries without gathering its weights (memory-mapped; a DeepSpeed directory
+    gives rank 0's model-states file): for the configs it holds."""
+    path = Path(path)
+    if is_deepspeed_checkpoint(path):
+        path = sorted((path / "checkpoint").glob("*mp_rank_00_model_states.pt"))[0]
+    ckpt = torch.load(str(path), map_location="cpu", mmap=True, weights_only=False)
     if CONFIG_KEY not in ckpt:
         raise ConfigError(f"{path}: not an fvdm stage checkpoint (no stored config)")
     return ckpt
@@ -106,7 +118,7 @@ def holds_dit(path: str | Path) -> bool:
 
     path = resolve_checkpoint(path)
     if is_stage_checkpoint(path):
-        return DIT_CONFIG_KEY in read_checkpoint(path)
+        return DIT_CONFIG_KEY in read_stored_config(path)
     if path.is_dir():
         import yaml
 
@@ -167,9 +179,9 @@ def load_teacher(path: str | Path):
 
     path = resolve_checkpoint(path)
     if is_stage_checkpoint(path):
-        ckpt = read_checkpoint(path)
-        if yaml.safe_load(ckpt[CONFIG_KEY]).get("stage") in CONSISTENCY_STAGES:
-            teacher = FlowDiT(DiTConfig(**ckpt[TEACHER_CONFIG_KEY]))
-            teacher.load_state_dict(submodule_state(stage_state(ckpt), "teacher"))
+        stored = read_stored_config(path)  # the teacher is a held module: no DeepSpeed consolidation needed
+        if yaml.safe_load(stored[CONFIG_KEY]).get("stage") in CONSISTENCY_STAGES:
+            teacher = FlowDiT(DiTConfig(**stored[TEACHER_CONFIG_KEY]))
+            teacher.load_state_dict(stored[HELD_STATE_KEY]["teacher"])
             return teacher
     return load_diffusion(path)[0]

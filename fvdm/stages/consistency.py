@@ -129,7 +129,10 @@ class ConsistencyDistillation(LatentDiffusionStage):
         for b_t, b_s in zip(self.target.buffers(), self.dit.buffers()):
             b_t.copy_(b_s)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the student, then the EMA target: both inside the optimizer step, so that a checkpoint written
+        after the batch (ModelCheckpoint, the SLURM requeue) holds the target of the same step as the student."""
+        super().optimizer_step(*args, **kwargs)
         self.update_target()
 
     def few_step_sample(self, noise: torch.Tensor, cond: torch.Tensor, steps: int) -> torch.Tensor:
