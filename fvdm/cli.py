@@ -120,10 +120,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fvdm.compare import compare
+
+    print(compare(args.runs, args.metrics, experiment=args.experiment, uri=args.tracking_uri, run_root=args.run_root,
+                  plot=args.plot, log_to=args.log_to))
+    print(f"wrote {args.plot}")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from fvdm.quickstart import quickstart
 
-    quickstart(args.root)
+    quickstart(args.root, scale=args.scale)
     return 0
 
 
@@ -158,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a stage: fvdm train CONFIG [CONFIG ...] [key=value ...]")
     p.add_argument("config", nargs="+", help="YAML files merged in order, then key=value overrides")
-    p.add_argument("--resume", action="store_true", help="continue this run from its last checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"], metavar="auto",
+                   help="continue this run from its newest checkpoint (an error without one); --resume auto: "
+                        "continue when there is one, else start fresh (SLURM jobs and their requeues)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="reconstruction metrics of a VAE checkpoint on shards")
@@ -214,8 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("compare", help="a table and metric curves across MLflow runs (the stages of a pipeline)")
+    p.add_argument("runs", nargs="*", help="run ids or run names (none: every run of --experiment)")
+    p.add_argument("--experiment", default=None, help="experiment name: its runs, or where the given runs are")
+    p.add_argument("--metrics", nargs="+", required=True, help="metric keys, e.g. train/loss val/v_iou")
+    store = p.add_mutually_exclusive_group()
+    store.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the run root's store)")
+    store.add_argument("--run-root", default="runs", help="run root holding mlflow.db")
+    p.add_argument("--plot", default="compare.png", help="PNG path: one subplot per metric, a curve per run")
+    p.add_argument("--log-to", default=None, help="run id or name that gets the table and the plot as artifacts")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("quickstart", help="the main job on the embedded default data set")
     p.add_argument("--root", default="quickstart")
+    p.add_argument("--scale", type=float, default=None,
+                   help="fraction of every stage's tiny-preset steps (default 0.25: about 16 minutes on 2 CPU cores; "
+                        "1: the full-size chain of fvdm bench quickstart, about 50 minutes)")
     p.set_defaults(func=cmd_quickstart)
     return parser
 

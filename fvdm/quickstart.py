@@ -2,110 +2,167 @@
 
 Generates the procedural shape set, trains the tiny VAE, finetunes its efficient decoder, trains the tiny
 teacher DiT on that VAE's latents, distils its guidance into a one-pass student, then runs the consistency
-chain (5-phase CFD, phase-1 finetune, adversarial finetune). Prints V-IoU, S-IoU (beside their trivial
-baselines), FLOPs per query and decode time of both VAEs; the sampled meshes' IoU against the held-out shapes
-(teacher beside its unconditional baseline; guidance student beside the teacher) and the student's velocity
-error per timestep band; and the few-step table: each student's 1/2/3/5-step meshes and the teacher's own
-Euler samples at those counts, as occupancy IoU against the teacher's 50-step meshes from the same noise.
+chain (5-phase CFD, phase-1 finetune, adversarial finetune), and prints one summary table, a row per stage:
+its key held-out metric, decode time, the 5-step students' IoU against the teacher's 50-step meshes (beside
+the teacher's own 5-step Euler samples) and its wall time. The table is also attached to every stage's
+MLflow run as ``tables/quickstart.txt``.
+
+``scale`` shortens every stage to that fraction of its tiny preset's ``trainer.max_steps`` (validation,
+evaluation and checkpoint once, at the end; warm-up scaled alike): ``fvdm quickstart`` runs ``DEFAULT_SCALE``
+(about a quarter of an hour on 2 CPU cores), ``fvdm bench quickstart`` the full-size chain (scale 1) whose
+numbers the README quotes.
 """
 from __future__ import annotations
 
+import math
 import os
+import textwrap
+import time
 from pathlib import Path
+from typing import Any
 
-from fvdm.config import EXPERIMENTS
+from mlflow.tracking import MlflowClient
+
+from fvdm.config import EXPERIMENTS, TrackingConfig
 from fvdm.data.latents import cache_latents
 from fvdm.data.sampling import SampleCounts
 from fvdm.data.synth import run_synth
-from fvdm.train import train
+from fvdm.tracking import log_table, recorded_run_id, tracking_uri
+from fvdm.train import resolve, train
 
 QUICK_COUNTS = SampleCounts(surface=4096, sharp=1024, vol=16384, near=16384, renders=2, render_size=128)
-NUM_SHAPES = 240
-METRICS = ("val/v_iou", "val/v_iou_baseline", "val/s_iou", "val/s_iou_baseline", "val/chamfer", "val/decode_ms")
-DIFFUSION_METRICS = {
-    "flow": ("val/gen_v_iou", "val/gen_v_iou_uncond", "val/recon_v_iou"),
-    "guidance": ("val/gen_v_iou", "val/teacher_gen_v_iou", "val/student_teacher_v_iou",
-                 *(f"val/vel_rel_err_t{i}" for i in range(5))),
-}
-FEW_STEPS = (1, 2, 3, 5)
+NUM_SHAPES = 240  # 216 train, 24 held out
+DEFAULT_SCALE = 0.25
+MIN_STEPS = 10
+STAGES = ("vae", "decoder_ft", "flow", "guidance", "consistency", "consistency_phase1", "adversarial")
+VAE_STAGES = ("vae", "decoder_ft")
 CONSISTENCY_RUNS = ("consistency", "consistency_phase1", "adversarial")
+# key metric of each stage: V-IoU against held-out shapes (VAEs), 50-step CFG samples against held-out shapes
+# (teacher), student vs teacher 50-step samples (guidance), 5-step student vs teacher 50-step (consistency)
+KEY_METRIC = {"vae": "val/v_iou", "decoder_ft": "val/v_iou", "flow": "val/gen_v_iou",
+              "guidance": "val/student_teacher_v_iou",
+              **{run: "val/student_5step_iou_vs_teacher50" for run in CONSISTENCY_RUNS}}
+TEACHER_5STEP = "val/teacher_5step_iou_vs_teacher50"
 
 
-def _stage(name: str, root: Path, data: Path, *extra: str, files: tuple[str, ...] = ()) -> dict[str, float]:
+def scaled_overrides(cfg: Any, scale: float) -> list[str]:
+    """``key=value`` overrides that shorten the resolved stage config ``cfg`` to ``scale`` of its
+    ``trainer.max_steps`` (at least ``MIN_STEPS``): validation, reconstruction evaluation and checkpoint once,
+    at the last step; warm-up steps scaled alike and kept below half the steps. None at scale 1."""
+    if scale == 1:
+        return []
+    steps = max(MIN_STEPS, round(cfg.trainer.max_steps * scale))
+    out = [f"trainer.max_steps={steps}", f"trainer.val_every_n_steps={steps}",
+           f"trainer.checkpoint_every_n_steps={steps}", f"trainer.log_every_n_steps={min(25, max(1, steps // 4))}"]
+    if hasattr(cfg.eval, "every_n_steps"):  # VAE stages: ReconstructionEval
+        out.append(f"eval.every_n_steps={steps}")
+    for section in ("optim", "d_optim"):
+        warmup = getattr(getattr(cfg, section, None), "warmup_steps", 0)
+        if warmup:
+            out.append(f"{section}.warmup_steps={min(max(1, math.ceil(warmup * scale)), steps // 2)}")
+    return out
+
+
+def _stage(name: str, root: Path, data: Path, *extra: str, files: tuple[str, ...] = (), scale: float = 1.0,
+           timings: dict[str, float]) -> dict[str, float]:
+    config = files[0].removesuffix(".yaml") if files else name
     args = [str(EXPERIMENTS / f"{name}.yaml"), *(str(EXPERIMENTS / f) for f in files),
             str(EXPERIMENTS / "presets" / f"tiny-{name}.yaml"),
             f"data.train={data / 'train'}", f"data.val={data / 'val'}", f"run_root={root / 'runs'}",
             "tracking.experiment=quickstart", *extra]
+    args += scaled_overrides(resolve(args), scale)
+    t0 = time.perf_counter()
     _, trainer = train(args)
+    timings[config] = (time.perf_counter() - t0) / 60
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
-def quickstart(root: str | Path = "quickstart") -> dict[str, dict[str, float]]:
+def quickstart(root: str | Path = "quickstart", scale: float | None = None) -> dict[str, dict[str, float]]:
+    """Run the chain in ``root`` (data, runs, MLflow store) at ``scale`` of the tiny presets' steps (None:
+    ``DEFAULT_SCALE``), print the summary table and return every stage's final metrics plus its ``minutes``
+    (``synth`` and ``cache_latents`` have only their minutes)."""
     from fvdm.models.vae import flops_per_query
     from fvdm.stages.checkpoints import load_pretrained_vae
 
+    scale = DEFAULT_SCALE if scale is None else scale
+    if not scale > 0:
+        raise ValueError(f"quickstart: scale must be > 0, got {scale}")
     root = Path(root)
-    data = root / "data"
+    data, runs = root / "data", root / "runs"
+    minutes: dict[str, float] = {}
+    t0 = time.perf_counter()
     run_synth(data, num=NUM_SHAPES, seed=0, val_fraction=0.1, counts=QUICK_COUNTS, workers=os.cpu_count() or 1)
-    results = {"vae": _stage("vae", root, data)}
-    vae_ckpt = root / "runs" / "vae" / "checkpoints" / "last.ckpt"
-    results["decoder_ft"] = _stage("decoder_ft", root, data, f"init_from={vae_ckpt}")
-    flops = {name: flops_per_query(load_pretrained_vae(root / "runs" / name / "checkpoints" / "last.ckpt").cfg)
-             for name in results}
-    runs = root / "runs"
+    minutes["synth"] = (time.perf_counter() - t0) / 60
+    kw = {"scale": scale, "timings": minutes}
+    results = {"vae": _stage("vae", root, data, **kw)}
+    results["decoder_ft"] = _stage("decoder_ft", root, data, f"init_from={runs / 'vae' / 'checkpoints' / 'last.ckpt'}",
+                                   **kw)
+    flops = {name: flops_per_query(load_pretrained_vae(runs / name / "checkpoints" / "last.ckpt").cfg)
+             for name in VAE_STAGES}
     decoder_ckpt = runs / "decoder_ft" / "checkpoints" / "last.ckpt"
+    t0 = time.perf_counter()
     cache_latents(decoder_ckpt, str(data / "train"), data / "latents", num_surface=2048, device="cpu")
+    minutes["cache_latents"] = (time.perf_counter() - t0) / 60
     latents = f"latents={data / 'latents'}"  # the diffusion stages stream these instead of encoding
-    results["flow"] = _stage("flow", root, data, f"vae_from={decoder_ckpt}", latents)
+    results["flow"] = _stage("flow", root, data, f"vae_from={decoder_ckpt}", latents, **kw)
     results["guidance"] = _stage("guidance", root, data, f"init_from={runs / 'flow' / 'checkpoints' / 'last.ckpt'}",
-                                 latents)
+                                 latents, **kw)
     results["consistency"] = _stage("consistency", root, data,
-                                    f"init_from={runs / 'guidance' / 'checkpoints' / 'last.ckpt'}", latents)
+                                    f"init_from={runs / 'guidance' / 'checkpoints' / 'last.ckpt'}", latents, **kw)
     results["consistency_phase1"] = _stage(
         "consistency", root, data, f"init_from={runs / 'consistency' / 'checkpoints' / 'last.ckpt'}", latents,
-        "optim.lr=1e-5", files=("consistency_phase1.yaml",))
+        "optim.lr=1e-5", files=("consistency_phase1.yaml",), **kw)
     results["adversarial"] = _stage("adversarial", root, data,
                                     f"init_from={runs / 'consistency_phase1' / 'checkpoints' / 'last.ckpt'}",
-                                    latents)
-    print(summary(results, flops))
-    print(diffusion_summary(results))
-    print(few_step_summary(results))
-    print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{(root / 'runs' / 'mlflow.db').resolve()}")
+                                    latents, **kw)
+    for name, value in minutes.items():
+        results.setdefault(name, {})["minutes"] = value
+    table = summary(results, scale=scale, flops=flops)
+    print(table)
+    client = MlflowClient(tracking_uri(TrackingConfig(), runs))
+    for name in STAGES:  # the numbers beside every stage's run in the MLflow UI
+        log_table(client, recorded_run_id(runs / name), table + "\n", "quickstart.txt")
+    print(f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{(runs / 'mlflow.db').resolve()}")
     return results
 
 
-def summary(results: dict[str, dict[str, float]], flops: dict[str, int]) -> str:
-    head = f"{'stage':<12}" + "".join(f"{m.split('/')[-1]:>17}" for m in METRICS) + f"{'MFLOP/query':>14}"
+def _cell(value: float | None, fmt: str = ".4f") -> str:
+    return "-" if value is None or math.isnan(value) else format(value, fmt)
+
+
+def summary(results: dict[str, dict[str, float]], scale: float | None = None,
+            flops: dict[str, int] | None = None) -> str:
+    """The quickstart's one table from its results (stage -> metrics with ``val/`` keys and ``minutes``): a row
+    per stage of ``STAGES`` (key metric, decode ms, 5-step IoU against the teacher's 50-step meshes, minutes),
+    the teacher's own 5-step Euler samples as a reference row before the consistency stages, "-" where a value
+    is missing; then footnotes, the minutes of synth and cache-latents and the total."""
+    head = f"{'stage':<26}{'key metric':<38}{'decode ms':>11}{'5-step IoU vs teacher':>23}{'minutes':>9}"
     rows = [head, "-" * len(head)]
-    for stage, metrics in results.items():
-        if stage not in flops:
-            continue
-        cells = "".join(f"{metrics.get(m, float('nan')):>17.4f}" for m in METRICS)
-        rows.append(f"{stage:<12}{cells}{flops[stage] / 1e6:>14.2f}")
-    return "\n".join(rows)
-
-
-def diffusion_summary(results: dict[str, dict[str, float]]) -> str:
-    """One line per diffusion stage: metric=value pairs (50-step samples against held-out shapes)."""
-    rows = []
-    for stage, names in DIFFUSION_METRICS.items():
-        if stage in results:
-            cells = "  ".join(f"{n.split('/')[-1]}={results[stage].get(n, float('nan')):.4f}" for n in names)
-            rows.append(f"{stage:<10}{cells}")
-    return "\n".join(rows)
-
-
-def few_step_summary(results: dict[str, dict[str, float]]) -> str:
-    """IoU against the teacher's 50-step meshes (same noise and image) at 1, 2, 3 and 5 steps: the teacher's
-    own Euler samples, then each consistency student."""
-    head = f"{'IoU vs teacher 50 steps':<26}" + "".join(f"{f'{k} steps':>10}" for k in FEW_STEPS)
-    rows = [head, "-" * len(head)]
-    first = results.get(CONSISTENCY_RUNS[0], {})
-    rows.append(f"{'teacher (Euler)':<26}" + "".join(
-        f"{first.get(f'val/teacher_{k}step_iou_vs_teacher50', float('nan')):>10.4f}" for k in FEW_STEPS))
-    for run in CONSISTENCY_RUNS:
-        if run in results:
-            rows.append(f"{run:<26}" + "".join(
-                f"{results[run].get(f'val/student_{k}step_iou_vs_teacher50', float('nan')):>10.4f}"
-                for k in FEW_STEPS))
+    decoder_ms = results.get("decoder_ft", {}).get("val/decode_ms")
+    diffusion_decode = "-" if decoder_ms is None else f"{decoder_ms:.0f}*"  # the decoder_ft VAE's
+    for stage in STAGES:
+        metrics = results.get(stage, {})
+        if stage == CONSISTENCY_RUNS[0]:
+            first = next((results[r] for r in CONSISTENCY_RUNS if TEACHER_5STEP in results.get(r, {})), {})
+            rows.append(f"{'teacher (Euler, 5 steps)':<26}{'-':<38}{diffusion_decode:>11}"
+                        f"{_cell(first.get(TEACHER_5STEP)):>23}{'-':>9}")
+        key = KEY_METRIC[stage]
+        metric = f"{key.removeprefix('val/')}={_cell(metrics[key])}" if key in metrics else "-"
+        decode = _cell(metrics.get("val/decode_ms"), ".0f") if stage in VAE_STAGES else diffusion_decode
+        five = metrics.get("val/student_5step_iou_vs_teacher50") if stage in CONSISTENCY_RUNS else None
+        rows.append(f"{stage:<26}{metric:<38}{decode:>11}{_cell(five):>23}{_cell(metrics.get('minutes'), '.1f'):>9}")
+    rows.append("-" * len(head))
+    notes = ["key metric: V-IoU on the held-out shapes (VAEs); IoU of the teacher's 50-step CFG samples (w = 5) "
+             "against the held-out shapes (flow); IoU between the student's and the teacher's 50-step samples "
+             "(guidance); IoU of the 5-step samples against the teacher's 50-step samples from the same noise "
+             "and image (consistency stages, and the teacher's own 5-step Euler samples).",
+             "* decode ms of the decoder_ft VAE, which the diffusion stages decode their latents with."]
+    extra = [f"{name} {results[name]['minutes']:.1f} min" for name in ("synth", "cache_latents")
+             if "minutes" in results.get(name, {})]
+    if extra:
+        total = sum(m["minutes"] for m in results.values() if "minutes" in m)
+        notes.append(", ".join(extra) + f"; total {total:.1f} min" + (f" at scale {scale:g}." if scale else "."))
+    if flops:
+        notes.append("MFLOP per query: " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in flops.items()) + ".")
+    rows += [line for note in notes for line in textwrap.wrap(note, len(head), subsequent_indent="  ")]
     return "\n".join(rows)

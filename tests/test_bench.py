@@ -24,3 +24,59 @@ def test_bench_vae_and_decode_records(tmp_path):
     assert list(rows) == ["dense", "+ hierarchical", "+ efficient decoder", "+ adaptive KV selection"]
     assert rows["+ hierarchical"]["queries"] <= rows["dense"]["queries"]
     assert rows["+ adaptive KV selection"]["attention_gflops"] < rows["+ efficient decoder"]["attention_gflops"]
+
+
+def test_quickstart_summary_table():
+    from fvdm.quickstart import summary
+
+    results = {
+        "vae": {"val/v_iou": 0.56, "val/decode_ms": 1282.8, "minutes": 4.25},
+        "decoder_ft": {"val/v_iou": 0.585, "val/decode_ms": 540.0, "minutes": 1.5},
+        "flow": {"val/gen_v_iou": 0.247, "val/gen_v_iou_uncond": 0.3, "minutes": 3.0},
+        # guidance missing entirely
+        "consistency": {"val/student_5step_iou_vs_teacher50": 0.82, "val/teacher_5step_iou_vs_teacher50": 0.758,
+                        "val/student_1step_iou_vs_teacher50": 0.38, "minutes": 2.0},
+        "consistency_phase1": {"val/student_5step_iou_vs_teacher50": 0.882, "minutes": 1.0},
+        "adversarial": {"minutes": 0.5},  # ran, no metrics
+        "synth": {"minutes": 1.25},
+    }
+    lines = summary(results, scale=0.25).splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in (
+        "vae", "decoder_ft", "flow", "guidance", "teacher", "consistency", "consistency_phase1", "adversarial")}
+    assert [r for r in rows] == ["vae", "decoder_ft", "flow", "guidance", "teacher", "consistency",
+                                 "consistency_phase1", "adversarial"]
+    head = lines[0]
+    assert "key metric" in head and "decode ms" in head and "5-step IoU vs teacher" in head and "minutes" in head
+    assert rows["vae"] == ["vae", "v_iou=0.5600", "1283", "-", "4.2"]
+    assert rows["decoder_ft"] == ["decoder_ft", "v_iou=0.5850", "540", "-", "1.5"]
+    assert rows["flow"] == ["flow", "gen_v_iou=0.2470", "540*", "-", "3.0"]  # decodes with the decoder_ft VAE
+    assert rows["guidance"] == ["guidance", "-", "540*", "-", "-"]
+    assert rows["teacher"][-2:] == ["0.7580", "-"] and " ".join(rows["teacher"][:4]) == "teacher (Euler, 5 steps)"
+    assert rows["consistency"] == ["consistency", "student_5step_iou_vs_teacher50=0.8200", "540*", "0.8200", "2.0"]
+    assert rows["consistency_phase1"][-2:] == ["0.8820", "1.0"]
+    assert rows["adversarial"] == ["adversarial", "-", "540*", "-", "0.5"]
+    assert any(line.startswith("* ") and "decoder_ft" in line for line in lines)
+    assert any("synth 1.2 min" in line and "total 13.5 min" in line for line in lines)
+    # no VAE at all: nothing to decode with, "-" without the footnote mark
+    assert summary({}).splitlines()[4].split() == ["flow", "-", "-", "-", "-"]
+
+
+def test_quickstart_scaled_overrides():
+    from fvdm.config import EXPERIMENTS
+    from fvdm.quickstart import scaled_overrides
+    from fvdm.train import resolve
+
+    def cfg(name: str, *extra: str):
+        return resolve([str(EXPERIMENTS / f"{name}.yaml"), str(EXPERIMENTS / "presets" / f"tiny-{name}.yaml"),
+                        "data.train=x", "data.val=y", *extra])
+
+    assert scaled_overrides(cfg("flow"), 1.0) == []  # the full-size chain: the presets as they are
+    flow = dict(o.split("=") for o in scaled_overrides(cfg("flow"), 0.25))  # 1500 steps, warm-up 50
+    assert flow["trainer.max_steps"] == flow["trainer.val_every_n_steps"] == "375"
+    assert flow["trainer.checkpoint_every_n_steps"] == "375" and flow["optim.warmup_steps"] == "13"
+    vae = dict(o.split("=") for o in scaled_overrides(cfg("vae"), 0.25))  # 1100 steps, evaluation at the end
+    assert vae["trainer.max_steps"] == vae["eval.every_n_steps"] == "275"
+    tiny = dict(o.split("=") for o in scaled_overrides(cfg("guidance", "init_from=z"), 0.01))
+    assert tiny["trainer.max_steps"] == "10" and int(tiny["optim.warmup_steps"]) < 10
+    adversarial = scaled_overrides(cfg("adversarial", "init_from=z"), 0.5)  # no warm-up: none added
+    assert not any("warmup" in o for o in adversarial)
