@@ -9,7 +9,7 @@ MLflow run as ``tables/quickstart.txt``.
 
 ``scale`` shortens every stage to that fraction of its tiny preset's ``trainer.max_steps`` (validation,
 evaluation and checkpoint once, at the end; warm-up scaled alike): ``fvdm quickstart`` runs ``DEFAULT_SCALE``
-(about a quarter of an hour on 2 CPU cores), ``fvdm bench quickstart`` the full-size chain (scale 1) whose
+(an estimated 16 minutes on 2 idle CPU cores), ``fvdm bench quickstart`` the full-size chain (scale 1) whose
 numbers the README quotes.
 """
 from __future__ import annotations
