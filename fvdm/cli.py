@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="the main job on the embedded default data set")
     p.add_argument("--root", default="quickstart")
     p.add_argument("--scale", type=float, default=None,
-                   help="fraction of every stage's tiny-preset steps (default 0.25: about 16 minutes on 2 CPU cores; "
-                        "1: the full-size chain of fvdm bench quickstart, about 50 minutes)")
+                   help="fraction of every stage's tiny-preset steps (default: 1 for the VAE stages, 0.25 for the "
+                        "diffusion stages; 1: the full-size chain of fvdm bench quickstart, about 50 minutes)")
     p.set_defaults(func=cmd_quickstart)
     return parser
 

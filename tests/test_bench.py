@@ -27,7 +27,7 @@ def test_bench_vae_and_decode_records(tmp_path):
 
 
 def test_quickstart_summary_table():
-    from fvdm.quickstart import summary
+    from fvdm.quickstart import STAGES, summary
 
     results = {
         "vae": {"val/v_iou": 0.56, "val/decode_ms": 1282.8, "minutes": 4.25},
@@ -40,7 +40,7 @@ def test_quickstart_summary_table():
         "adversarial": {"minutes": 0.5},  # ran, no metrics
         "synth": {"minutes": 1.25},
     }
-    lines = summary(results, scale=0.25).splitlines()
+    lines = summary(results, scales=dict.fromkeys(STAGES, 0.25)).splitlines()
     rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in (
         "vae", "decoder_ft", "flow", "guidance", "teacher", "consistency", "consistency_phase1", "adversarial")}
     assert [r for r in rows] == ["vae", "decoder_ft", "flow", "guidance", "teacher", "consistency",
@@ -56,7 +56,9 @@ def test_quickstart_summary_table():
     assert rows["consistency_phase1"][-2:] == ["0.8820", "1.0"]
     assert rows["adversarial"] == ["adversarial", "-", "540*", "-", "0.5"]
     assert any(line.startswith("* ") and "decoder_ft" in line for line in lines)
-    assert any("synth 1.2 min" in line and "total 13.5 min" in line for line in lines)
+    assert any("synth 1.2 min" in line and "total 13.5 min at scale 0.25." in line for line in lines)
+    mixed = " ".join(summary(results, scales={"vae": 1.0, "decoder_ft": 1.0, "flow": 0.25}).split())
+    assert "total 13.5 min at scale 1 (vae, decoder_ft), 0.25 (flow)." in mixed
     # no VAE at all: nothing to decode with, "-" without the footnote mark
     assert summary({}).splitlines()[4].split() == ["flow", "-", "-", "-", "-"]
 

@@ -18,7 +18,7 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--root", default="bench-runs/quickstart", help="a fresh directory (data, runs, MLflow store)")
     p.add_argument("--scale", type=float, default=1.0,
                    help="fraction of every stage's tiny-preset steps (default 1: the full-size chain; "
-                        "fvdm quickstart runs 0.25)")
+                        "fvdm quickstart runs its VAE stages at 1, the rest at 0.25)")
     p.add_argument("--results", default="benchmarks/results.json")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
