@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="quickstart")
     p.add_argument("--scale", type=float, default=None,
                    help="fraction of every stage's tiny-preset steps (default: 1 for the VAE stages, 0.25 for the "
-                        "diffusion stages; 1: the full-size chain of fvdm bench quickstart, about 30 minutes on 2 idle CPU cores)")
+                        "diffusion stages; 1: the full-size chain of fvdm bench quickstart, about 30 minutes on "
+                        "2 idle CPU cores)")
     p.set_defaults(func=cmd_quickstart)
     return parser
 
