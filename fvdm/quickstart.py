@@ -94,10 +94,9 @@ def quickstart(root: str | Path = "quickstart", scale: float | None = None) -> d
     t0 = time.perf_counter()
     run_synth(data, num=NUM_SHAPES, seed=0, val_fraction=0.1, counts=QUICK_COUNTS, workers=os.cpu_count() or 1)
     minutes["synth"] = (time.perf_counter() - t0) / 60
-    kw = {"timings": minutes}
-    results = {"vae": _stage("vae", root, data, scale=scales["vae"], **kw)}
+    results = {"vae": _stage("vae", root, data, scale=scales["vae"], timings=minutes)}
     results["decoder_ft"] = _stage("decoder_ft", root, data, f"init_from={runs / 'vae' / 'checkpoints' / 'last.ckpt'}",
-                                   scale=scales["decoder_ft"], **kw)
+                                   scale=scales["decoder_ft"], timings=minutes)
     flops = {name: flops_per_query(load_pretrained_vae(runs / name / "checkpoints" / "last.ckpt").cfg)
              for name in VAE_STAGES}
     decoder_ckpt = runs / "decoder_ft" / "checkpoints" / "last.ckpt"
@@ -105,18 +104,19 @@ def quickstart(root: str | Path = "quickstart", scale: float | None = None) -> d
     cache_latents(decoder_ckpt, str(data / "train"), data / "latents", num_surface=2048, device="cpu")
     minutes["cache_latents"] = (time.perf_counter() - t0) / 60
     latents = f"latents={data / 'latents'}"  # the diffusion stages stream these instead of encoding
-    results["flow"] = _stage("flow", root, data, f"vae_from={decoder_ckpt}", latents, scale=scales["flow"], **kw)
+    results["flow"] = _stage("flow", root, data, f"vae_from={decoder_ckpt}", latents, scale=scales["flow"],
+                             timings=minutes)
     results["guidance"] = _stage("guidance", root, data, f"init_from={runs / 'flow' / 'checkpoints' / 'last.ckpt'}",
-                                 latents, scale=scales["guidance"], **kw)
+                                 latents, scale=scales["guidance"], timings=minutes)
     results["consistency"] = _stage("consistency", root, data,
                                     f"init_from={runs / 'guidance' / 'checkpoints' / 'last.ckpt'}", latents,
-                                    scale=scales["consistency"], **kw)
+                                    scale=scales["consistency"], timings=minutes)
     results["consistency_phase1"] = _stage(
         "consistency", root, data, f"init_from={runs / 'consistency' / 'checkpoints' / 'last.ckpt'}", latents,
-        "optim.lr=1e-5", files=("consistency_phase1.yaml",), scale=scales["consistency_phase1"], **kw)
+        "optim.lr=1e-5", files=("consistency_phase1.yaml",), scale=scales["consistency_phase1"], timings=minutes)
     results["adversarial"] = _stage("adversarial", root, data,
                                     f"init_from={runs / 'consistency_phase1' / 'checkpoints' / 'last.ckpt'}",
-                                    latents, scale=scales["adversarial"], **kw)
+                                    latents, scale=scales["adversarial"], timings=minutes)
     for name, value in minutes.items():
         results.setdefault(name, {})["minutes"] = value
     table = summary(results, scales=scales, flops=flops)
