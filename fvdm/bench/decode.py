@@ -10,7 +10,12 @@ extraction). bf16 autocast on CUDA.
 Models: ``--vae`` and ``--efficient-vae`` checkpoints, or ``--hunyuan3d`` (a released VAE folder with an encoder)
 and optionally ``--hunyuan3d-efficient`` (e.g. the turbo VAE, which decodes the same latents), or
 ``--train-minutes M``: a preset VAE, then its efficient decoder (stage decoder_ft, initialised from the first),
-each trained M minutes on the embedded default data set generated here.
+each trained M minutes on the embedded default data set generated here; with ``--vae CKPT`` only the efficient
+decoder is trained, from that checkpoint (e.g. the VAE that ``fvdm bench vae`` saved).
+
+``--weights bf16`` (the default on CUDA with bf16 autocast) decodes every row with bf16 copies of the models, the
+deployment setting (``fvdm bench query``: 20-30% more queries/s than fp32 weights under autocast); latents are
+encoded before the cast, with the fp32 encoder.
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     src.add_argument("--efficient-vae", help="its efficient-decoder student (decoder_ft checkpoint)")
     src.add_argument("--hunyuan3d", help="released Hunyuan3D-2 VAE folder with an encoder")
     src.add_argument("--hunyuan3d-efficient", help="released efficient (turbo) VAE folder decoding the same latents")
-    src.add_argument("--train-minutes", type=float, help="train a VAE, then its efficient decoder, M minutes each")
+    src.add_argument("--train-minutes", type=float,
+                     help="train a VAE, then its efficient decoder, M minutes each (with --vae: only the decoder)")
     train = p.add_argument_group("training (--train-minutes)")
     train.add_argument("--preset", default="large")
     train.add_argument("--train-shapes", type=int, default=1000, help="shapes generated (10%% held out)")
@@ -67,6 +73,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--kv-samples", type=int, default=KVSelection.samples)
     run.add_argument("--kv-mode", default=KVSelection.mode, choices=["softmax", "logits", "union"])
     run.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast on CUDA")
+    run.add_argument("--weights", default="bf16", choices=["bf16", "fp32"],
+                     help="model weights while decoding (bf16 only with --precision bf16 on CUDA)")
     run.add_argument("--device", default=None)
     run.add_argument("--results", default="benchmarks/results.json")
     return p.parse_args(argv)
@@ -87,14 +95,22 @@ def make_data(a: argparse.Namespace, cfg) -> None:
 
 
 def train_models(a: argparse.Namespace):
-    """A ``preset`` VAE (stage vae), then its efficient decoder (stage decoder_ft from its checkpoint)."""
+    """A ``preset`` VAE (stage vae; skipped when ``--vae`` gives one), then its efficient decoder (stage
+    decoder_ft from that checkpoint)."""
     from fvdm.models.vae import vae_preset
     from fvdm.bench.training import fit_capped, time_cap
     from fvdm.stages.decoder_ft import DecoderFinetune
     from fvdm.stages.vae import VAEStage
 
-    cfg = vae_preset(a.preset)
-    make_data(a, cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models, steps = [], []
+    if a.vae:
+        models.append(load_pretrained_vae(a.vae).to(device))
+        cfg, init = models[0].cfg, a.vae
+    else:
+        cfg, init = vae_preset(a.preset), f"{a.run_root}/bench-decode-vae.ckpt"
+    if not Path(a.data, "train").is_dir():
+        make_data(a, cfg)
     d = data_config(a, cfg)
     common = [f"data.train={d.train}", f"data.val={d.val}", f"data.batch_size={d.batch_size}",
               f"data.num_surface={d.num_surface}", f"data.num_sharp={d.num_sharp}", f"data.num_vol={d.num_vol}",
@@ -103,11 +119,10 @@ def train_models(a: argparse.Namespace):
               f"trainer.precision={'bf16-mixed' if a.precision == 'bf16' else '32-true'}",
               "trainer.checkpoint_every_n_steps=1000000", "trainer.log_every_n_steps=50",
               "eval.every_n_steps=1000000", "eval.max_batches=1", "eval.num_mesh_shapes=1", "eval.resolution=64"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models, steps = [], []
-    for stage, module_cls, extra in (
-            ("vae", VAEStage, [f"vae_preset={a.preset}", f"optim.lr={a.lr}", "optim.warmup_steps=200"]),
-            ("decoder_ft", DecoderFinetune, [f"init_from={a.run_root}/bench-decode-vae.ckpt"])):
+    stages = [("decoder_ft", DecoderFinetune, [f"init_from={init}"])]
+    if not a.vae:
+        stages.insert(0, ("vae", VAEStage, [f"vae_preset={a.preset}", f"optim.lr={a.lr}", "optim.warmup_steps=200"]))
+    for stage, module_cls, extra in stages:
         module, trainer = fit_capped(stage, module_cls, [*common, f"name=bench-decode-{stage}", *extra, *a.overrides])
         save_vae_checkpoint(module.vae, Path(a.run_root) / f"bench-decode-{stage}.ckpt")
         models.append(module.vae.to(device))  # fit() hands the model back on the CPU
@@ -117,6 +132,9 @@ def train_models(a: argparse.Namespace):
 
 def load_models(a: argparse.Namespace):
     if a.train_minutes is not None:
+        if a.efficient_vae or a.hunyuan3d:
+            raise SystemExit("fvdm bench decode: --train-minutes trains the efficient decoder (and the VAE unless "
+                             "--vae gives one); it does not go with --efficient-vae or --hunyuan3d")
         return train_models(a)
     if a.vae:
         standard = load_pretrained_vae(a.vae)
@@ -215,6 +233,9 @@ def main(argv: list[str]) -> dict:
                 break
     if not latents:
         raise SystemExit(f"fvdm bench decode: no held-out shapes in {a.data}/val")
+    half = device.type == "cuda" and a.precision == "bf16" and a.weights == "bf16"
+    if half:  # decode with bf16 copies (the latents above came from the fp32 encoder)
+        standard, efficient = standard.to(torch.bfloat16), efficient.to(torch.bfloat16) if efficient else None
 
     selection = KVSelection(topk=a.topk, group_size=a.group_size, samples=a.kv_samples, mode=a.kv_mode)
     hierarchical = HierarchicalVolumeDecoder(min_resolution=a.min_resolution, query=ExactQuery())
@@ -241,6 +262,7 @@ def main(argv: list[str]) -> dict:
     figures = {"rows": table, "resolution": a.resolution, "levels": hierarchical.levels(a.resolution),
                "eval_shapes": len(latents), "timing_shapes": min(a.timing_shapes, len(latents)),
                "repeats": a.repeats, "precision": a.precision if device.type == "cuda" else "fp32",
+               "weights": "bf16" if half else "fp32",
                "selection": {"topk": selection.keys(standard.cfg.num_latents), "group_size": a.group_size,
                              "samples": a.kv_samples, "mode": a.kv_mode},
                "standard": describe(standard), "efficient": describe(efficient) if efficient else None,

@@ -7,12 +7,14 @@ record lands in ``benchmarks/results.json`` with the device, date and commit.
 Measured on one H100 (base, batch 16, lr 2e-4): 83 samples/s before the Triton FPS and ``compile``, 272 after
 (7-minute cap: 7,469 steps, held-out V-IoU 0.905 / S-IoU 0.581, against 0.692 / 0.377 for the 6.7-minute run
 at 83 samples/s). The learning rate follows the wall clock (``--schedule time``), so it ends its cosine at the cap.
+The trained VAE is saved as ``{run_root}/bench-vae-{preset}.ckpt`` (``fvdm bench decode --vae`` takes it).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,7 @@ from fvdm.bench.training import CurvePrinter, WallClockCosine, fit_capped, time_
 from fvdm.data.datamodule import ShapeDataModule
 from fvdm.data.sampling import SampleCounts
 from fvdm.data.synth import run_synth
+from fvdm.stages.checkpoints import save_vae_checkpoint
 from fvdm.stages.vae import VAEStage
 
 
@@ -84,6 +87,8 @@ def main(argv: list[str]) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # fit() ends with the model on CPU
     vae = module.vae.to(device).eval()
+    checkpoint = Path(a.run_root) / f"bench-vae-{a.preset}.ckpt"
+    save_vae_checkpoint(vae, checkpoint)
     val = ShapeDataModule(cfg.data, images=False).val_dataloader()
     with trainer.precision_plugin.forward_context():
         metrics = evaluate(vae, val, device=device, resolution=a.resolution, num_mesh_shapes=16, max_batches=None)
@@ -92,7 +97,7 @@ def main(argv: list[str]) -> dict:
         "train_minutes": train_s / 60, "steps": steps, "samples_per_s": steps * a.batch_size / train_s,
         "synth_s": synth_s, "batch_size": a.batch_size, "precision": a.precision, "lr": a.lr, "warmup": a.warmup,
         "schedule": a.schedule, "compile": a.compile,
-        "overrides": list(a.overrides),
+        "overrides": list(a.overrides), "checkpoint": str(checkpoint),
         **{k.rsplit("/", 1)[-1]: v for k, v in metrics.items()},
     }
     entry = record("vae", figures, path=a.results)

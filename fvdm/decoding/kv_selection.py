@@ -124,8 +124,10 @@ def selected_attend(geo_decoder, points: Tensor, k: Tensor, v: Tensor, sel: KVSe
     """The geo decoder at points [P, 3] of ONE shape, given in locality order, attending with KV selection to its
     keys/values [H, M, D] -> [P] (float32).
 
-    The P points are split into G = ceil(P / group_size) groups of nearly equal size (consecutive points), the
-    groups padded to group_size slots with copies of their first point, and processed a chunk of groups at a time.
+    The points are cut into G = ceil(P / S) groups of S = min(group_size, P) consecutive points, the last group
+    padded with copies of the last point, and processed a chunk of groups at a time. Every chunk is a contiguous
+    slice of the padded points, so reading the queries and writing the outputs are plain slices (no masks, no
+    host synchronization on the hot path).
     """
     p = points.shape[0]
     out = torch.empty(p, dtype=torch.float32, device=points.device)
@@ -133,24 +135,21 @@ def selected_attend(geo_decoder, points: Tensor, k: Tensor, v: Tensor, sel: KVSe
         return out
     s = min(sel.group_size, p)
     g = -(-p // s)
-    start = (torch.arange(g + 1, device=points.device) * p + g - 1) // g  # [G + 1] first point of each group
-    counts = start[1:] - start[:-1]  # [G], each <= s
-    slot = torch.arange(s, device=points.device)
-    src = torch.where(slot < counts[:, None], start[:-1, None] + slot, start[:-1, None])  # [G, S] point per slot
+    padded = torch.cat([points, points[-1:].expand(g * s - p, 3)])  # [G*S, 3]
+    counts = torch.full((g,), s, dtype=torch.long, device=points.device)  # real rows per group
+    counts[-1] = p - (g - 1) * s
     h, m = k.shape[0], k.shape[1]
     scores = h * min(sel.samples, s) * m * (1 if sel.mode == "logits" else 2)
     per_chunk = max(1, min(sel.chunk_size // s, SCORE_BUDGET // scores))
     for g0 in range(0, g, per_chunk):
-        src_c, counts_c = src[g0:g0 + per_chunk], counts[g0:g0 + per_chunk]
-        gc = src_c.shape[0]
-        x = geo_decoder.embed_points(points[src_c.reshape(-1)][None])  # [1, gc*S, W]
+        gc = min(per_chunk, g - g0)
+        lo, hi = g0 * s, min(p, (g0 + gc) * s)
+        x = geo_decoder.embed_points(padded[g0 * s:(g0 + gc) * s][None])  # [1, gc*S, W]
         q = geo_decoder.block.queries(x)[0]  # [H, gc*S, D]
         q = q.reshape(h, gc, s, -1).transpose(0, 1)  # [gc, H, S, D]
-        attended = adaptive_kv_selection(q, k, v, counts_c, sel)  # [gc, H, S, D]
+        attended = adaptive_kv_selection(q, k, v, counts[g0:g0 + gc], sel)  # [gc, H, S, D]
         attended = attended.transpose(0, 1).reshape(h, gc * s, -1)[None]  # [1, H, gc*S, D]
-        values = geo_decoder.head(geo_decoder.block.finish(x, attended))[0].float()  # [gc*S]
-        real = slot < counts_c[:, None]  # [gc, S]
-        out[src_c[real]] = values[real.reshape(-1)]
+        out[lo:hi] = geo_decoder.head(geo_decoder.block.finish(x, attended))[0, :hi - lo].float()
     return out
 
 

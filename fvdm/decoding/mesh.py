@@ -24,7 +24,8 @@ from skimage.measure import marching_cubes
 
 from fvdm.decoding import marching_cubes as torch_mc
 from fvdm.decoding.dense import DenseVolumeDecoder
-from fvdm.decoding.grid import DEFAULT_BOUNDS, Bounds, Box, DecodedField, VolumeDecoder, as_box, index_to_world
+from fvdm.decoding.grid import (DEFAULT_BOUNDS, Bounds, Box, DecodedField, VolumeDecoder, as_box, index_points,
+                               index_to_world)
 from fvdm.decoding.hierarchical import ExactQuery, HierarchicalVolumeDecoder, SparseField
 from fvdm.decoding.kv_selection import AdaptiveKVQuery, KVSelection
 
@@ -105,9 +106,18 @@ def marching_cubes_skimage(decoded: DecodedField | SparseField, level: float = 0
 
 
 def _to_mesh(verts: torch.Tensor, faces: torch.Tensor, resolution: int, box: Box) -> Mesh:
-    """Torch marching-cubes output (index units, on any device) -> a world-space Mesh (numpy)."""
-    world = index_to_world(verts.cpu().numpy(), resolution, box).astype(np.float32)
-    return Mesh(world, faces.int().cpu().numpy().astype(np.int64))
+    """Torch marching-cubes output (index units, on any device) -> a world-space Mesh (numpy).
+
+    The world mapping runs on the field's device (``index_points``: float64 math, float32 result, as
+    ``index_to_world`` does on the CPU) and both arrays come back in their final dtypes through pinned memory
+    with one synchronization: on a GPU the copy and its host-side conversions were most of the extraction time.
+    """
+    world = index_points(verts, resolution, box)  # [V, 3] float32
+    if world.device.type != "cuda":
+        return Mesh(world.cpu().numpy(), faces.long().cpu().numpy())
+    world, faces = world.to("cpu", non_blocking=True), faces.long().to("cpu", non_blocking=True)  # pinned
+    torch.cuda.current_stream(verts.device).synchronize()
+    return Mesh(world.numpy(), faces.numpy())
 
 
 def marching_cubes_torch(decoded: DecodedField | SparseField, level: float = 0.0) -> list[Mesh]:
