@@ -5,7 +5,7 @@ decoder`` (the decoder_ft student), ``+ adaptive KV selection`` (algorithm 2). C
 decoded field (trilinear at held-out volume / near-surface SDF samples, against the ground truth), milliseconds per
 shape from latents to mesh (median of synchronized repeats after a warm-up, torch marching cubes in every row),
 queries and attention FLOPs per shape, and the time per stage (trunk decode, each cascade level, surface
-extraction). bf16 autocast on CUDA.
+extraction). bf16 on CUDA (see ``--weights``).
 
 Models: ``--vae`` and ``--efficient-vae`` checkpoints, or ``--hunyuan3d`` (a released VAE folder with an encoder)
 and optionally ``--hunyuan3d-efficient`` (e.g. the turbo VAE, which decodes the same latents), or
@@ -13,9 +13,11 @@ and optionally ``--hunyuan3d-efficient`` (e.g. the turbo VAE, which decodes the 
 each trained M minutes on the embedded default data set generated here; with ``--vae CKPT`` only the efficient
 decoder is trained, from that checkpoint (e.g. the VAE that ``fvdm bench vae`` saved).
 
-``--weights bf16`` (the default on CUDA with bf16 autocast) decodes every row with bf16 copies of the models, the
-deployment setting (``fvdm bench query``: 20-30% more queries/s than fp32 weights under autocast); latents are
-encoded before the cast, with the fp32 encoder.
+``--weights bf16`` (the default with ``--precision bf16`` on CUDA) decodes every row with bf16 copies of the models
+and autocast off, the deployment setting: under autocast, LayerNorms and residuals run in fp32 whatever the weights,
+and at the efficient decoder's width that elementwise traffic is most of the time (``fvdm bench query`` on an H100:
+101 against 74 M queries/s for the efficient base decoder, 27 against 19 for the standard one). ``--weights fp32``
+decodes under bf16 autocast instead. Latents are always encoded first, by the fp32 encoder under autocast.
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--kv-mode", default=KVSelection.mode, choices=["softmax", "logits", "union"])
     run.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast on CUDA")
     run.add_argument("--weights", default="bf16", choices=["bf16", "fp32"],
-                     help="model weights while decoding (bf16 only with --precision bf16 on CUDA)")
+                     help="bf16: decode with bf16 models, autocast off (only with --precision bf16 on CUDA)")
     run.add_argument("--device", default=None)
     run.add_argument("--results", default="benchmarks/results.json")
     return p.parse_args(argv)
@@ -234,8 +236,9 @@ def main(argv: list[str]) -> dict:
     if not latents:
         raise SystemExit(f"fvdm bench decode: no held-out shapes in {a.data}/val")
     half = device.type == "cuda" and a.precision == "bf16" and a.weights == "bf16"
-    if half:  # decode with bf16 copies (the latents above came from the fp32 encoder)
+    if half:  # decode with bf16 models and autocast off (the latents above came from the fp32 encoder)
         standard, efficient = standard.to(torch.bfloat16), efficient.to(torch.bfloat16) if efficient else None
+        autocast = nullcontext()
 
     selection = KVSelection(topk=a.topk, group_size=a.group_size, samples=a.kv_samples, mode=a.kv_mode)
     hierarchical = HierarchicalVolumeDecoder(min_resolution=a.min_resolution, query=ExactQuery())

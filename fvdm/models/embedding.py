@@ -14,10 +14,14 @@ from torch import nn
 
 
 def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    """A region that runs in the tensors' own dtype even inside an autocast context (no-op on meta)."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return contextlib.nullcontext()
+    """A region that runs in the tensors' own dtype even inside an autocast context (no-op on meta).
+
+    Decided on the device type alone: ``torch.amp.is_autocast_available`` is opaque to torch.compile (torch 2.11
+    on CUDA broke the graph there and recompiled the rest of the embedding until its recompile limit).
+    """
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 class FourierEmbedder(nn.Module):
