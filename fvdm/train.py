@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from fvdm.config import ConfigError, load_config, peek_stage, split_args
 from fvdm.stages import get_stage
-from fvdm.strategy import training_strategy
+from fvdm.strategy import cpu_precision, training_strategy
 
 
 def resolve(args: Sequence[str]) -> Any:
@@ -104,6 +104,7 @@ def build_trainer(cfg: Any, logger: Any) -> L.Trainer:
     """The Trainer of a run: checkpoints every ``checkpoint_every_n_steps`` plus ``last``, strategy from config."""
     t = cfg.trainer
     strategy, precision = training_strategy(t, cfg.data.batch_size)
+    precision = cpu_precision(precision, t.accelerator)
     # under SLURM: ranks from SLURM_*, and SlurmRequeue instead of Lightning's in-handler requeue
     slurm = SLURMEnvironment(auto_requeue=False, requeue_signal=signal.SIGUSR1) if SLURMEnvironment.detect() else None
     checkpoints = ModelCheckpoint(

@@ -5,6 +5,7 @@ DeepSpeed itself needs CUDA GPUs (Lightning refuses it on the CPU): ``test_deeps
 ``fvdm bench deepspeed check`` on a machine with two or more, and skips, saying so, elsewhere."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -13,11 +14,23 @@ import pytest
 import torch
 
 from fvdm.config import ConfigError, TrainerConfig
-from fvdm.strategy import DEEPSPEED_CONFIGS, training_strategy
+from fvdm.strategy import DEEPSPEED_CONFIGS, cpu_precision, native_cpu_bf16, training_strategy
 
 
 def test_lightning_names_pass_through():
     assert training_strategy(TrainerConfig(strategy="ddp", precision="bf16-mixed"), 4) == ("ddp", "bf16-mixed")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32():
+    with pytest.warns(RuntimeWarning, match="no native bf16"):
+        assert cpu_precision("bf16-mixed", "cpu", native_bf16=False) == "32-true"
+    assert cpu_precision("bf16-mixed", "cpu", native_bf16=True) == "bf16-mixed"
+    assert cpu_precision("32-true", "cpu", native_bf16=False) == "32-true"
+    assert cpu_precision("bf16-mixed", "gpu", native_bf16=False) == "bf16-mixed"
+    # this machine's own answer decides when none is given
+    native = native_cpu_bf16()
+    with pytest.warns(RuntimeWarning) if native is False else contextlib.nullcontext():
+        assert cpu_precision("bf16-mixed", "cpu") == ("32-true" if native is False else "bf16-mixed")
 
 
 @pytest.mark.parametrize("name,stage", [("zero2", 2), ("zero3", 3)])

@@ -95,7 +95,7 @@ def main(argv: list[str]) -> dict:
     figures = {
         "preset": a.preset, "params_m": sum(p.numel() for p in vae.parameters()) / 1e6, "train_shapes": a.shapes,
         "train_minutes": train_s / 60, "steps": steps, "samples_per_s": steps * a.batch_size / train_s,
-        "synth_s": synth_s, "batch_size": a.batch_size, "precision": a.precision, "lr": a.lr, "warmup": a.warmup,
+        "synth_s": synth_s, "batch_size": a.batch_size, "precision": trainer.precision, "lr": a.lr, "warmup": a.warmup,
         "schedule": a.schedule, "compile": a.compile,
         "overrides": list(a.overrides), "checkpoint": str(checkpoint),
         **{k.rsplit("/", 1)[-1]: v for k, v in metrics.items()},
