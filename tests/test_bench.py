@@ -19,10 +19,12 @@ def test_bench_vae_and_decode_records(tmp_path):
     # the VAE the first run saved, with only its efficient decoder trained here, on the first run's shards
     assert main(["bench", "decode", "--vae", str(tmp_path / "runs" / "bench-vae-tiny.ckpt"), "--train-minutes",
                  "0.05", "--resolution", "48", "--eval-shapes", "1", "--timing-shapes", "1", "--repeats", "1",
-                 "--data", str(tmp_path / "vae-data"), "--run-root", str(tmp_path / "runs2"), *common]) == 0
+                 "--compile", "--data", str(tmp_path / "vae-data"), "--run-root", str(tmp_path / "runs2"),
+                 *common]) == 0
     vae, decode, decode_from_vae = json.loads(results.read_text())
     assert vae["bench"] == "vae" and vae["figures"]["steps"] >= 1
     assert len(decode_from_vae["figures"]["train_steps"]) == 1  # decoder_ft only
+    assert decode_from_vae["figures"]["compiled"] and not decode["figures"]["compiled"]
     assert decode_from_vae["figures"]["efficient"]["geo_mlp_ratio"] == 1  # the decoder_ft student
     assert (tmp_path / "runs2" / "bench-decode-decoder_ft.ckpt").is_file()
     assert not (tmp_path / "runs2" / "bench-decode-vae.ckpt").exists()

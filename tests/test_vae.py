@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fvdm.decoding.kv_selection import KVSelection, query_with_kv_selection
 from fvdm.models.embedding import FourierEmbedder
 from fvdm.models.vae import (NoEncoderError, VAEConfig, VecSetVAE, _fps_torch, efficient_geo_decoder,
                              farthest_point_sample, flops_per_query, select_queries, vae_preset)
@@ -185,3 +186,20 @@ def test_queries_come_from_both_pools_in_proportion():
         select_queries(surface(1, 400, sharp=128), cfg)
     with pytest.raises(ValueError, match="sharp-edge flag"):
         select_queries(surface(1, 256, sharp=256), cfg)
+
+
+def test_compiled_query_pieces_compute_the_same():
+    """compile_queries fuses the work around attention; exact attention and KV selection give what eager gives,
+    for point counts that change from call to call (dynamic shapes), and the state dict keys stay put."""
+    vae = VecSetVAE(efficient_geo_decoder(micro())).eval()
+    keys = set(vae.state_dict())
+    tokens = vae.decode(torch.randn(1, 32, 8))
+    points = [torch.rand(1, n, 3) * 2 - 1 for n in (1000, 333, 2048)]
+    sel = KVSelection(topk=1 / 3, group_size=64, chunk_size=512)
+    with torch.no_grad():
+        eager = [(vae.query(tokens, p), query_with_kv_selection(vae, tokens, p, sel)) for p in points]
+        vae.geo_decoder.compile_queries()
+        for p, (exact, selected) in zip(points, eager):
+            torch.testing.assert_close(vae.query(tokens, p), exact, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(query_with_kv_selection(vae, tokens, p, sel), selected, rtol=1e-4, atol=1e-5)
+    assert set(vae.state_dict()) == keys

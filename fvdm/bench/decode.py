@@ -18,6 +18,8 @@ and autocast off, the deployment setting: under autocast, LayerNorms and residua
 and at the efficient decoder's width that elementwise traffic is most of the time (``fvdm bench query`` on an H100:
 101 against 74 M queries/s for the efficient base decoder, 27 against 19 for the standard one). ``--weights fp32``
 decodes under bf16 autocast instead. Latents are always encoded first, by the fp32 encoder under autocast.
+``--compile`` runs every row's geo decoder through ``GeoDecoder.compile_queries``; the eval shapes, decoded before
+any timing, absorb the compilation.
 """
 from __future__ import annotations
 
@@ -77,6 +79,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast on CUDA")
     run.add_argument("--weights", default="bf16", choices=["bf16", "fp32"],
                      help="bf16: decode with bf16 models, autocast off (only with --precision bf16 on CUDA)")
+    run.add_argument("--compile", action="store_true",
+                     help="GeoDecoder.compile_queries on every model (all rows; the eval shapes warm it up)")
     run.add_argument("--device", default=None)
     run.add_argument("--results", default="benchmarks/results.json")
     return p.parse_args(argv)
@@ -239,6 +243,9 @@ def main(argv: list[str]) -> dict:
     if half:  # decode with bf16 models and autocast off (the latents above came from the fp32 encoder)
         standard, efficient = standard.to(torch.bfloat16), efficient.to(torch.bfloat16) if efficient else None
         autocast = nullcontext()
+    if a.compile:
+        for vae in {standard, efficient} - {None}:
+            vae.geo_decoder.compile_queries()
 
     selection = KVSelection(topk=a.topk, group_size=a.group_size, samples=a.kv_samples, mode=a.kv_mode)
     hierarchical = HierarchicalVolumeDecoder(min_resolution=a.min_resolution, query=ExactQuery())
@@ -265,7 +272,7 @@ def main(argv: list[str]) -> dict:
     figures = {"rows": table, "resolution": a.resolution, "levels": hierarchical.levels(a.resolution),
                "eval_shapes": len(latents), "timing_shapes": min(a.timing_shapes, len(latents)),
                "repeats": a.repeats, "precision": a.precision if device.type == "cuda" else "fp32",
-               "weights": "bf16" if half else "fp32",
+               "weights": "bf16" if half else "fp32", "compiled": a.compile,
                "selection": {"topk": selection.keys(standard.cfg.num_latents), "group_size": a.group_size,
                              "samples": a.kv_samples, "mode": a.kv_mode},
                "standard": describe(standard), "efficient": describe(efficient) if efficient else None,

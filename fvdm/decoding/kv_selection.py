@@ -148,12 +148,11 @@ def selected_attend(geo_decoder, points: Tensor, k: Tensor, v: Tensor, sel: KVSe
     for g0 in range(0, g, per_chunk):
         gc = min(per_chunk, g - g0)
         lo, hi = g0 * s, min(p, (g0 + gc) * s)
-        x = geo_decoder.embed_points(padded[g0 * s:(g0 + gc) * s][None])  # [1, gc*S, W]
-        q = geo_decoder.block.queries(x)[0]  # [H, gc*S, D]
-        q = q.reshape(h, gc, s, -1).transpose(0, 1)  # [gc, H, S, D]
+        x, q = geo_decoder.point_queries(padded[g0 * s:(g0 + gc) * s][None])  # [1, gc*S, W], [1, H, gc*S, D]
+        q = q[0].reshape(h, gc, s, -1).transpose(0, 1)  # [gc, H, S, D]
         attended = adaptive_kv_selection(q, k, v, counts[g0:g0 + gc], sel)  # [gc, H, S, D]
         attended = attended.transpose(0, 1).reshape(h, gc * s, -1)[None]  # [1, H, gc*S, D]
-        out[lo:hi] = geo_decoder.head(geo_decoder.block.finish(x, attended))[0, :hi - lo].float()
+        out[lo:hi] = geo_decoder.point_outputs(x, attended)[0, :hi - lo].float()
     return out
 
 
@@ -167,8 +166,8 @@ class AdaptiveKVQuery:
     def bind(self, vae, tokens: Tensor):
         geo = getattr(vae, "geo_decoder", None)
         if geo is None or not hasattr(geo, "kv"):
-            raise ValueError(f"adaptive KV selection needs a VecSetVAE-style geo_decoder (kv / embed_points / block / "
-                             f"head); {type(vae).__name__} has none")
+            raise ValueError(f"adaptive KV selection needs a VecSetVAE-style geo_decoder (kv / point_queries / "
+                             f"point_outputs); {type(vae).__name__} has none")
         k, v = geo.kv(tokens)  # [B, H, M, D] each, once per shape
         device = tokens.device.type
         if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):

@@ -293,8 +293,8 @@ class GeoDecoder(nn.Module):
     """Query points [B, P, 3] cross-attend to the decoded tokens -> one scalar per point.
 
     ``forward(tokens, points) == attend(points, *kv(tokens))``: ``kv`` runs once per shape, ``attend`` per
-    chunk of points; ``embed_points``, ``block.queries``, ``block.finish`` and ``head`` are the pieces of
-    ``attend`` for decoders that select keys per region.
+    chunk of points; ``point_queries`` and ``point_outputs`` are the pieces of ``attend`` on either side of the
+    attention core, for decoders that select keys per region.
     """
 
     def __init__(self, cfg: VAEConfig):
@@ -312,19 +312,31 @@ class GeoDecoder(nn.Module):
         """tokens [B, M, width] -> keys, values [B, H, M, D] (computed once per shape)."""
         return self.block.keys_values(self.latents_proj(tokens))
 
-    def embed_points(self, points: torch.Tensor) -> torch.Tensor:
-        """points [B, P, 3] -> query features [B, P, W_d] (Fourier embedding in fp32)."""
-        return self.query_proj(self.embed(points).to(self.query_proj.weight.dtype))
+    def point_queries(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """points [B, P, 3] -> query features x [B, P, W_d] and attention queries [B, H, P, D] (Fourier
+        embedding in fp32)."""
+        x = self.query_proj(self.embed(points).to(self.query_proj.weight.dtype))
+        return x, self.block.queries(x)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, P, W_d] -> [B, P]."""
-        return self.output_proj(self.norm_out(x)).squeeze(-1)
+    def point_outputs(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """Query features x [B, P, W_d] and the attention result [B, H, P, D] -> values [B, P]."""
+        return self.output_proj(self.norm_out(self.block.finish(x, attended))).squeeze(-1)
 
     def attend(self, points: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """points [B, P, 3] against keys/values [B, H, M, D] -> [B, P]."""
-        x = self.embed_points(points)
-        attended = F.scaled_dot_product_attention(self.block.queries(x), k, v)  # [B, H, P, D]
-        return self.head(self.block.finish(x, attended))
+        x, q = self.point_queries(points)
+        return self.point_outputs(x, F.scaled_dot_product_attention(q, k, v))
+
+    def compile_queries(self) -> None:
+        """``torch.compile`` (dynamic shapes) the per-point work on either side of the attention core, in place.
+
+        At decoder width the LayerNorms, projections, MLP and dtype casts around the fused attention kernel are
+        most of a query's time; compiled, they fuse. Both pieces are shared by exact attention and KV selection,
+        so every decoder that calls ``attend`` or these pieces gets the same treatment. The first calls compile
+        (seconds); parameters and state_dict keys are unchanged.
+        """
+        self.point_queries = torch.compile(self.point_queries, dynamic=True)
+        self.point_outputs = torch.compile(self.point_outputs, dynamic=True)
 
     def forward(self, tokens: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         return self.attend(points, *self.kv(tokens))
