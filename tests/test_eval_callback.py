@@ -152,6 +152,8 @@ def test_callback_in_a_lightning_run_logs_to_mlflow(tmp_path):
     assert all(m.value == 1.0 for m in history["v_iou"] + history["s_iou"])
     assert all(m.value < 1.0 for m in history["v_iou_baseline"] + history["s_iou_baseline"])
     assert all(m.value == 41 ** 3 for m in history["queries"]) and all(m.value > 0 for m in history["decode_ms"])
+    band = client.get_metric_history(logger.run_id, "val/s_error_0.02_0.05")  # an exact field errs nowhere
+    assert len(band) == 3 and all(m.value == 0 for m in band)
     # the logged values are what evaluate() computes on the same validation stream
     direct = evaluate(BoxVAE(), Boxes().val_dataloader(), resolution=40, num_mesh_shapes=2, max_batches=2,
                       fscore_threshold=0.05)

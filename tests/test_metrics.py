@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchmetrics.classification import BinaryJaccardIndex
 
-from fvdm.metrics.reconstruction import (ChamferDistance, FScore, OccupancyIoU, all_inside_sdf, bounding_sphere_sdf,
-                                         nearest_distances)
+from fvdm.metrics.reconstruction import (ChamferDistance, FScore, OccupancyIoU, SignErrorByBand, all_inside_sdf,
+                                         bounding_sphere_sdf, nearest_distances)
 
 
 def random_fields(seed: int, b: int = 6, p: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,3 +134,18 @@ def test_all_inside_baseline_scores_about_half_on_straddling_points():
     metric.update(all_inside_sdf(torch.zeros(4, 2000, 3)), near_sdf)
     assert float(metric.compute()) == pytest.approx(float((near_sdf < 0).float().mean()), abs=1e-6)
     assert 0.45 < float(metric.compute()) < 0.55
+
+
+def test_sign_error_by_band_counts_each_band():
+    metric = SignErrorByBand(edges=(0.01, 0.1))
+    assert metric.names() == ["lt0.01", "0.01_0.1", "gt0.1"]
+    gt = torch.tensor([[0.005, -0.005, 0.05, -0.05], [0.5, -0.5, 0.008, 0.2]])
+    pred = torch.tensor([[-0.1, -0.1, 0.3, 0.3], [0.1, 0.1, 0.1, 0.1]])  # wrong: 0.005, -0.05, -0.5
+    metric.update(pred[:1], gt[:1])
+    metric.update(pred[1:], gt[1:])
+    torch.testing.assert_close(metric.compute(), torch.tensor([1 / 3, 1 / 2, 1 / 3]))
+    empty = SignErrorByBand(edges=(0.01,))
+    empty.update(torch.zeros(3), torch.full((3,), 0.5))
+    assert math.isnan(empty.compute()[0]) and empty.compute()[1] == 0
+    with pytest.raises(ValueError, match="increasing"):
+        SignErrorByBand(edges=(0.1, 0.01))

@@ -31,7 +31,7 @@ from torchmetrics import MeanMetric, SumMetric
 from fvdm.decoding.dense import DEFAULT_CHUNK, query_chunked
 from fvdm.decoding.grid import DEFAULT_BOUNDS, Bounds, VolumeDecoder
 from fvdm.decoding.mesh import Mesh, decode_mesh
-from fvdm.metrics.reconstruction import (ChamferDistance, FScore, OccupancyIoU, all_inside_sdf,
+from fvdm.metrics.reconstruction import (ChamferDistance, FScore, OccupancyIoU, SignErrorByBand, all_inside_sdf,
                                          bounding_sphere_sdf)
 
 
@@ -125,7 +125,8 @@ def run_evaluation(vae, batches: Iterable[dict[str, Any]], settings: EvalSetting
     iou = {name: OccupancyIoU() for name in ("v_iou", "s_iou", "v_iou_baseline", "s_iou_baseline")}
     mesh_metrics = {"chamfer": ChamferDistance(), "fscore": FScore(s.fscore_threshold), "decode_ms": MeanMetric(),
                     "queries": MeanMetric(), "empty_meshes": SumMetric()}
-    metrics = torch.nn.ModuleDict({**iou, **mesh_metrics, "shapes": SumMetric()}).to(device)
+    bands = SignErrorByBand()  # near-surface sign errors per |sdf| band: where S-IoU is lost
+    metrics = torch.nn.ModuleDict({**iou, **mesh_metrics, "shapes": SumMetric(), "s_error": bands}).to(device)
     kept: list[tuple[str, Mesh, np.ndarray]] = []  # (key, mesh, GT points) for files and preview
     decoded = 0
 
@@ -143,6 +144,7 @@ def run_evaluation(vae, batches: Iterable[dict[str, Any]], settings: EvalSetting
                 pred_near = query_chunked(vae, tokens, near[..., :3], s.chunk_size)  # [B, Nn]
                 metrics["v_iou"].update(pred_vol, vol[..., 3])
                 metrics["s_iou"].update(pred_near, near[..., 3])
+                metrics["s_error"].update(pred_near, near[..., 3])
                 metrics["v_iou_baseline"].update(bounding_sphere_sdf(surface[..., :3], vol[..., :3]), vol[..., 3])
                 metrics["s_iou_baseline"].update(all_inside_sdf(near[..., :3]), near[..., 3])
                 metrics["shapes"].update(len(surface))
@@ -168,6 +170,7 @@ def run_evaluation(vae, batches: Iterable[dict[str, Any]], settings: EvalSetting
     # the same names on every rank (compute() synchronizes), whatever each rank's share of the stream held
     names = list(iou) + ["shapes"] + (list(mesh_metrics) if s.num_mesh_shapes > 0 else [])
     results = {name: float(metrics[name].compute()) for name in names}
+    results.update({f"s_error_{band}": float(e) for band, e in zip(bands.names(), metrics["s_error"].compute())})
     return results, (write_mesh_files(Path(out_dir), kept, s) if out_dir is not None else [])
 
 

@@ -6,6 +6,9 @@
   (plain L2, not squared) between predicted surface samples and ground-truth surface points; averaged over shapes.
 - :class:`FScore`: per shape, the harmonic mean of precision (predicted points within ``threshold`` of the
   ground truth) and recall (ground-truth points within ``threshold`` of the prediction); averaged over shapes.
+- :class:`SignErrorByBand`: the share of points on the wrong side of the surface, per band of ground-truth
+  |SDF|: where S-IoU is lost (a field blurred by a few voxels errs at every distance; one that is only
+  imprecise errs in the thinnest band alone).
 - Baselines: :func:`bounding_sphere_sdf` (V-IoU) and :func:`all_inside_sdf` (S-IoU).
 """
 from __future__ import annotations
@@ -92,6 +95,41 @@ class OccupancyIoU(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.iou_sum / self.count).float()
+
+
+class SignErrorByBand(Metric):
+    """Sign error rate (pred_sdf < 0 differs from gt_sdf < 0) over all points, per band of |gt_sdf| between
+    consecutive ``edges`` (plus one band below the first edge and one above the last). ``names()`` labels them."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, edges: Sequence[float] = (0.002, 0.005, 0.01, 0.02, 0.05), **kwargs):
+        super().__init__(**kwargs)
+        if not edges or any(b <= a for a, b in zip(edges, edges[1:])) or edges[0] <= 0:
+            raise ValueError(f"SignErrorByBand: edges must be positive and increasing, got {list(edges)}")
+        self.edges = tuple(float(e) for e in edges)
+        self.add_state("wrong", torch.zeros(len(edges) + 1, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", torch.zeros(len(edges) + 1, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def names(self) -> list[str]:
+        """One label per band: ``lt0.002``, ``0.002_0.005``, ..., ``gt0.05``."""
+        e = [f"{x:g}" for x in self.edges]
+        return [f"lt{e[0]}", *(f"{a}_{b}" for a, b in zip(e, e[1:])), f"gt{e[-1]}"]
+
+    def update(self, pred_sdf: torch.Tensor, gt_sdf: torch.Tensor) -> None:
+        """pred_sdf, gt_sdf: SDF values at the same points (any equal shapes), negative inside."""
+        if pred_sdf.shape != gt_sdf.shape:
+            raise ValueError(f"SignErrorByBand: shapes differ, {tuple(pred_sdf.shape)} and {tuple(gt_sdf.shape)}")
+        band = torch.bucketize(gt_sdf.abs().flatten().float(), torch.tensor(self.edges, device=gt_sdf.device))
+        wrong = ((pred_sdf < 0) != (gt_sdf < 0)).flatten().double()
+        self.wrong += torch.zeros_like(self.wrong).scatter_add_(0, band, wrong)
+        self.total += torch.bincount(band, minlength=len(self.edges) + 1).double()
+
+    def compute(self) -> torch.Tensor:
+        """[bands] error rates (NaN for a band with no points)."""
+        return (self.wrong / self.total).float()
 
 
 class ChamferDistance(Metric):
