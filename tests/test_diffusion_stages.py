@@ -51,7 +51,8 @@ def flow_run(synth_data, vae_ckpt, tmp_path_factory):
 
 def test_flow_stage_trains_and_logs(flow_run, vae_ckpt):
     client, run = run_of(flow_run, "flow")
-    for key in ("train/loss", "train/latent_scale", "val/gen_v_iou", "val/gen_v_iou_uncond", "val/recon_v_iou"):
+    for key in ("train/loss", "train/latent_scale", "val/gen_v_iou", "val/gen_v_iou_w1", "val/gen_v_iou_uncond",
+                "val/recon_v_iou"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 4
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples/step_0000004")]

@@ -3,9 +3,10 @@ for classifier-free guidance (convention: ``fvdm.flow``).
 
 The DiT's ``in_channels`` and ``context_in_dim`` follow the VAE and the conditioner, whatever the ``dit``
 section says. Evaluation samples ``eval.steps``-step CFG meshes from held-out renders and reports their
-occupancy IoU against the rendered shape beside two references on the same points: unconditional samples
-(all-zero condition tokens: the baseline a conditional model must beat) and the VAE's own reconstruction
-(the ceiling).
+occupancy IoU against the rendered shape beside three references on the same points: conditional samples
+without guidance (w = 1: whether the conditioning was learned, apart from CFG's overshoot on a weak teacher),
+unconditional samples (all-zero condition tokens: the baseline a conditional model must beat) and the VAE's
+own reconstruction (the ceiling).
 """
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class FlowStage(LatentDiffusionStage):
                 self.vae.scale_factor = float(cfg.latent_scale)
             except ValueError:
                 raise ConfigError(f"latent_scale: '{cfg.latent_scale}' is not auto, vae or a number") from None
-        self.gen_iou, self.uncond_iou, self.recon_iou = OccupancyIoU(), OccupancyIoU(), OccupancyIoU()
+        self.gen_iou, self.cond_iou, self.uncond_iou, self.recon_iou = (OccupancyIoU() for _ in range(4))
 
     @torch.no_grad()
     def estimate_latent_scale(self, batch: dict[str, Any]) -> None:
@@ -119,13 +120,16 @@ class FlowStage(LatentDiffusionStage):
         noise = self.eval_noise(batch_idx, x1)
         points, sdf = batch["vol"][..., :3], batch["vol"][..., 3]
         guided = euler_sample(self.dit, noise, cond, uncond, steps=e.steps, guidance=e.guidance)
+        conditional = euler_sample(self.dit, noise, cond, None, steps=e.steps)
         unconditional = euler_sample(self.dit, noise, uncond, None, steps=e.steps)
         if batch_idx == 0:
             self.save_samples(guided, batch)
         occupancy_iou(self.vae, guided, points, sdf, self.gen_iou)
+        occupancy_iou(self.vae, conditional, points, sdf, self.cond_iou)
         occupancy_iou(self.vae, unconditional, points, sdf, self.uncond_iou)
         occupancy_iou(self.vae, x1, points, sdf, self.recon_iou)
         bs = x1.shape[0]
         self.log_metric("val/gen_v_iou", self.gen_iou, bs)
+        self.log_metric("val/gen_v_iou_w1", self.cond_iou, bs)
         self.log_metric("val/gen_v_iou_uncond", self.uncond_iou, bs)
         self.log_metric("val/recon_v_iou", self.recon_iou, bs)
