@@ -1,7 +1,7 @@
 """``fvdm bench query``: geo-decoder query throughput (points/s) of a preset, standard and efficient, under bf16
 autocast, with bf16 weights and (``--compile``) with bf16 weights and ``GeoDecoder.compile_queries``, over several
-chunk sizes, exact and with adaptive KV selection (one row per
-group size, Morton grouping included). Random weights: throughput does not depend on them."""
+chunk sizes, exact and with adaptive KV selection (one row per group size, Morton grouping included). Random
+weights: throughput does not depend on them."""
 from __future__ import annotations
 
 import argparse
