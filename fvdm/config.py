@@ -72,6 +72,7 @@ class TrainerConfig:
 class TrackingConfig:
     """MLflow tracking; with no ``tracking_uri`` an embedded SQLite store lives under the run root."""
 
+    enabled: bool = True  # false: no logger, so no MLflow import (metrics stay in the trainer and checkpoints)
     tracking_uri: Optional[str] = None
     experiment: str = "fvdm"
     run_name: Optional[str] = None

@@ -21,13 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.tracking import MlflowClient
-
 from fvdm.config import EXPERIMENTS, TrackingConfig
 from fvdm.data.latents import cache_latents
 from fvdm.data.sampling import SampleCounts
 from fvdm.data.synth import run_synth
-from fvdm.tracking import log_table, recorded_run_id, tracking_uri
 from fvdm.train import resolve, train
 
 QUICK_COUNTS = SampleCounts(surface=4096, sharp=1024, vol=16384, near=16384, renders=2, render_size=128)
@@ -64,7 +61,7 @@ def scaled_overrides(cfg: Any, scale: float) -> list[str]:
     return out
 
 
-def _stage(name: str, root: Path, data: Path, *extra: str, files: tuple[str, ...] = (), scale: float = 1.0,
+def run_stage(name: str, root: Path, data: Path, *extra: str, files: tuple[str, ...] = (), scale: float = 1.0,
            timings: dict[str, float]) -> dict[str, float]:
     config = files[0].removesuffix(".yaml") if files else name
     args = [str(EXPERIMENTS / f"{name}.yaml"), *(str(EXPERIMENTS / f) for f in files),
@@ -78,12 +75,36 @@ def _stage(name: str, root: Path, data: Path, *extra: str, files: tuple[str, ...
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
+def vae_chain(root: Path, minutes: dict[str, float], vae_scale: float = 1.0, decoder_scale: float = 1.0,
+              num_shapes: int = NUM_SHAPES, extra: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+    """The chain's first half in ``root``: synthesise ``num_shapes`` embedded-default shapes into ``data/``,
+    train the tiny VAE and its efficient decoder (``runs/vae``, ``runs/decoder_ft``) and cache the latter's
+    latents of the training shapes in ``data/latents``; record each step's minutes in ``minutes`` and return
+    the two VAE stages' final metrics. ``extra``: overrides for both stages."""
+    data, runs = root / "data", root / "runs"
+    t0 = time.perf_counter()
+    run_synth(data, num=num_shapes, seed=0, val_fraction=0.1, counts=QUICK_COUNTS, workers=os.cpu_count() or 1)
+    minutes["synth"] = (time.perf_counter() - t0) / 60
+    results = {"vae": run_stage("vae", root, data, *extra, scale=vae_scale, timings=minutes)}
+    results["decoder_ft"] = run_stage("decoder_ft", root, data,
+                                      f"init_from={runs / 'vae' / 'checkpoints' / 'last.ckpt'}", *extra,
+                                      scale=decoder_scale, timings=minutes)
+    t0 = time.perf_counter()
+    cache_latents(runs / "decoder_ft" / "checkpoints" / "last.ckpt", str(data / "train"), data / "latents",
+                  num_surface=2048, device="cpu")
+    minutes["cache_latents"] = (time.perf_counter() - t0) / 60
+    return results
+
+
 def quickstart(root: str | Path = "quickstart", scale: float | None = None) -> dict[str, dict[str, float]]:
     """Run the chain in ``root`` (data, runs, MLflow store) at ``scale`` of the tiny presets' steps (None:
     ``DEFAULT_SCALES``, per stage), print the summary table and return every stage's final metrics plus its
     ``minutes`` (``synth`` and ``cache_latents`` have only their minutes)."""
+    from mlflow.tracking import MlflowClient
+
     from fvdm.models.vae import flops_per_query
     from fvdm.stages.checkpoints import load_pretrained_vae
+    from fvdm.tracking import log_table, recorded_run_id, tracking_uri
 
     if scale is not None and not scale > 0:
         raise ValueError(f"quickstart: scale must be > 0, got {scale}")
@@ -91,32 +112,25 @@ def quickstart(root: str | Path = "quickstart", scale: float | None = None) -> d
     root = Path(root)
     data, runs = root / "data", root / "runs"
     minutes: dict[str, float] = {}
-    t0 = time.perf_counter()
-    run_synth(data, num=NUM_SHAPES, seed=0, val_fraction=0.1, counts=QUICK_COUNTS, workers=os.cpu_count() or 1)
-    minutes["synth"] = (time.perf_counter() - t0) / 60
-    results = {"vae": _stage("vae", root, data, scale=scales["vae"], timings=minutes)}
-    results["decoder_ft"] = _stage("decoder_ft", root, data, f"init_from={runs / 'vae' / 'checkpoints' / 'last.ckpt'}",
-                                   scale=scales["decoder_ft"], timings=minutes)
+    results = vae_chain(root, minutes, vae_scale=scales["vae"], decoder_scale=scales["decoder_ft"])
     flops = {name: flops_per_query(load_pretrained_vae(runs / name / "checkpoints" / "last.ckpt").cfg)
              for name in VAE_STAGES}
     decoder_ckpt = runs / "decoder_ft" / "checkpoints" / "last.ckpt"
-    t0 = time.perf_counter()
-    cache_latents(decoder_ckpt, str(data / "train"), data / "latents", num_surface=2048, device="cpu")
-    minutes["cache_latents"] = (time.perf_counter() - t0) / 60
     latents = f"latents={data / 'latents'}"  # the diffusion stages stream these instead of encoding
-    results["flow"] = _stage("flow", root, data, f"vae_from={decoder_ckpt}", latents, scale=scales["flow"],
-                             timings=minutes)
-    results["guidance"] = _stage("guidance", root, data, f"init_from={runs / 'flow' / 'checkpoints' / 'last.ckpt'}",
-                                 latents, scale=scales["guidance"], timings=minutes)
-    results["consistency"] = _stage("consistency", root, data,
-                                    f"init_from={runs / 'guidance' / 'checkpoints' / 'last.ckpt'}", latents,
-                                    scale=scales["consistency"], timings=minutes)
-    results["consistency_phase1"] = _stage(
+    results["flow"] = run_stage("flow", root, data, f"vae_from={decoder_ckpt}", latents, scale=scales["flow"],
+                                timings=minutes)
+    results["guidance"] = run_stage("guidance", root, data,
+                                    f"init_from={runs / 'flow' / 'checkpoints' / 'last.ckpt'}",
+                                    latents, scale=scales["guidance"], timings=minutes)
+    results["consistency"] = run_stage("consistency", root, data,
+                                       f"init_from={runs / 'guidance' / 'checkpoints' / 'last.ckpt'}", latents,
+                                       scale=scales["consistency"], timings=minutes)
+    results["consistency_phase1"] = run_stage(
         "consistency", root, data, f"init_from={runs / 'consistency' / 'checkpoints' / 'last.ckpt'}", latents,
         "optim.lr=1e-5", files=("consistency_phase1.yaml",), scale=scales["consistency_phase1"], timings=minutes)
-    results["adversarial"] = _stage("adversarial", root, data,
-                                    f"init_from={runs / 'consistency_phase1' / 'checkpoints' / 'last.ckpt'}",
-                                    latents, scale=scales["adversarial"], timings=minutes)
+    results["adversarial"] = run_stage("adversarial", root, data,
+                                       f"init_from={runs / 'consistency_phase1' / 'checkpoints' / 'last.ckpt'}",
+                                       latents, scale=scales["adversarial"], timings=minutes)
     for name, value in minutes.items():
         results.setdefault(name, {})["minutes"] = value
     table = summary(results, scales=scales, flops=flops)

@@ -150,12 +150,13 @@ def train(args: Sequence[str], resume: bool | str = False) -> tuple[Any, L.Train
         raise ConfigError(f"--resume: no checkpoint in {run_dir} (checkpoints/last.ckpt or hpc_ckpt_<n>.ckpt)")
     if resume == "auto":
         rank_zero_info(f"fvdm: resuming from {ckpt}" if ckpt else f"fvdm: no checkpoint in {run_dir}, starting fresh")
-    from fvdm.tracking import make_logger, start_run
-
     L.seed_everything(cfg.trainer.seed, workers=True)
     logger = False
-    if rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:  # only global rank 0 tracks: ranks
-        # started together (srun) would race on the store; Lightning's own launcher numbers ranks per node
+    # only global rank 0 tracks: ranks started together (srun) would race on the store; Lightning's own launcher
+    # numbers ranks per node
+    if cfg.tracking.enabled and rank_zero_only.rank == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        from fvdm.tracking import make_logger, start_run
+
         logger = make_logger(cfg, run_dir, resume=ckpt is not None)
         start_run(logger, cfg, run_dir)
     module = stage_cls(cfg)

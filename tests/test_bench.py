@@ -92,3 +92,24 @@ def test_quickstart_scaled_overrides():
     assert tiny["trainer.max_steps"] == "10" and int(tiny["optim.warmup_steps"]) < 10
     adversarial = scaled_overrides(cfg("adversarial", "init_from=z"), 0.5)  # no warm-up: none added
     assert not any("warmup" in o for o in adversarial)
+
+
+def test_bench_guidance_records_teacher_and_students(tmp_path):
+    """The teacher's four IoUs and each student's IoU against the teacher and its band errors, every number from
+    two noise draws per held-out shape."""
+    results = tmp_path / "results.json"
+    assert main(["bench", "guidance", "--root", str(tmp_path / "root"), "--shapes", "12", "--vae-scale", "0.001",
+                 "--flow-steps", "2", "--guidance-steps", "1", "--batch-size", "2", "--workers", "0",
+                 "--noise-draws", "2", "--eval-batches", "1", "--student", "plain",
+                 "--student", "shift3:timesteps.shift=3 eval.steps=4", "--no-tracking", "--results", str(results)]) == 0
+    (entry,) = json.loads(results.read_text())
+    figures = entry["figures"]
+    assert entry["bench"] == "guidance" and figures["noise_draws"] == 2
+    assert set(figures["teacher"]) == {"gen_v_iou", "gen_v_iou_w1", "gen_v_iou_uncond", "recon_v_iou"}
+    assert list(figures["students"]) == ["plain", "shift3"]
+    assert figures["students"]["shift3"]["overrides"] == ["timesteps.shift=3", "eval.steps=4"]
+    for student in figures["students"].values():
+        assert 0 <= student["student_teacher_v_iou"] <= 1 and student["vel_rel_err_t0"] > 0
+    assert {"synth", "vae", "decoder_ft", "cache_latents", "flow"} <= set(figures["stage_minutes"])
+    assert (tmp_path / "root" / "runs" / "flow" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "root" / "runs" / "mlflow.db").exists()  # --no-tracking

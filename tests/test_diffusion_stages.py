@@ -121,10 +121,27 @@ def test_guidance_distillation_learns_the_guided_velocity(synth_data, flow_run, 
     assert stage.teacher.training is False and stage.vae.training is False
 
 
+def test_eval_noise_draws_are_fixed_and_independent(synth_data, flow_run, tmp_path):
+    """Draw 0 is the single-draw noise; further draws differ from it and repeat at every evaluation."""
+    from fvdm.config import ConfigError
+
+    like = torch.empty(2, 32, 32)
+    single = [noise for _, noise in _stage(synth_data, flow_run, tmp_path).eval_noise(3, like)]
+    stage = _stage(synth_data, flow_run, tmp_path, "eval.noise_draws=3")
+    draws = list(stage.eval_noise(3, like))
+    assert [d for d, _ in draws] == [0, 1, 2] and len(single) == 1
+    assert torch.equal(draws[0][1], single[0])
+    assert not torch.equal(draws[1][1], draws[0][1]) and not torch.equal(draws[2][1], draws[1][1])
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(draws, stage.eval_noise(3, like)))
+    with pytest.raises(ConfigError, match="noise_draws"):
+        _stage(synth_data, flow_run, tmp_path, "eval.noise_draws=0")
+
+
 def test_guidance_stage_runs_and_chains(synth_data, flow_run, tmp_path):
     ckpt = flow_run / "flow" / "checkpoints" / "last.ckpt"
     assert main(["train", *args(synth_data, tmp_path, "guidance", f"init_from={ckpt}", "trainer.max_steps=2",
-                                "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2")]) == 0
+                                "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2",
+                                "eval.noise_draws=2")]) == 0
     _, run = run_of(tmp_path, "guidance")
     for key in ("train/loss", "val/vel_rel_err_t0", "val/vel_rel_err_t4", "val/student_teacher_v_iou",
                 "val/gen_v_iou", "val/teacher_gen_v_iou"):

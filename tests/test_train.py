@@ -2,6 +2,8 @@
 and its checkpoint initializes the decoder-finetuning stage with a bit-identical frozen encoder."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -49,6 +51,17 @@ def test_train_logs_to_sqlite_mlflow(vae_run):
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 6
     assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
     assert (vae_run / "vae" / "config.yaml").read_text().startswith("stage: vae")
+
+
+def test_training_without_tracking_needs_no_mlflow(synth_data, tmp_path):
+    """``tracking.enabled=false`` trains and checkpoints in a process where importing mlflow fails."""
+    argv = ["train", *args(synth_data, tmp_path, "vae", "vae.num_latents=32", "trainer.max_steps=1",
+                           "eval.every_n_steps=100", "tracking.enabled=false")]
+    code = f"import sys; sys.modules['mlflow'] = None; from fvdm.cli import main; sys.exit(main({argv!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "vae" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_resume_continues_same_run(vae_run, synth_data):

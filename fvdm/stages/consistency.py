@@ -147,20 +147,21 @@ class ConsistencyDistillation(LatentDiffusionStage):
         x1 = self.clean_latents(batch)
         cond = self.condition(batch)
         b = x1.shape[0]
-        noise = self.eval_noise(batch_idx, x1)
         uncond = self.conditioner.unconditional(b, cond.device, cond.dtype)
         points = batch["vol"][..., :3]
 
         def field(latents: torch.Tensor) -> torch.Tensor:
             return self.vae.query(self.vae.decode(latents / self.vae.scale_factor), points).float()
 
-        reference = field(euler_sample(self.teacher, noise, cond, uncond, steps=e.steps, guidance=e.guidance))
+        for draw, noise in self.eval_noise(batch_idx, x1):
+            reference = field(euler_sample(self.teacher, noise, cond, uncond, steps=e.steps, guidance=e.guidance))
+            for k in e.student_steps:
+                samples = {"student": self.few_step_sample(noise, cond, k),
+                           "teacher": euler_sample(self.teacher, noise, cond, uncond, steps=k, guidance=e.guidance)}
+                if batch_idx == 0 and draw == 0 and k == max(e.student_steps):
+                    self.save_samples(samples["student"], batch)
+                for who, latents in samples.items():
+                    self.few_step[f"{who}{k}"].update(field(latents), reference)
         for k in e.student_steps:
-            samples = {"student": self.few_step_sample(noise, cond, k),
-                       "teacher": euler_sample(self.teacher, noise, cond, uncond, steps=k, guidance=e.guidance)}
-            if batch_idx == 0 and k == max(e.student_steps):
-                self.save_samples(samples["student"], batch)
-            for who, latents in samples.items():
-                metric = self.few_step[f"{who}{k}"]
-                metric.update(field(latents), reference)
-                self.log_metric(f"val/{who}_{k}step_iou_vs_teacher{e.steps}", metric, b)
+            for who in ("student", "teacher"):
+                self.log_metric(f"val/{who}_{k}step_iou_vs_teacher{e.steps}", self.few_step[f"{who}{k}"], b)

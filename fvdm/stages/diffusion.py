@@ -10,7 +10,7 @@ import dataclasses
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
@@ -31,6 +31,7 @@ from fvdm.stages.vae import VAE_CONFIG_KEY
 DIT_CONFIG_KEY = "fvdm_dit_config"
 CONDITIONER_CONFIG_KEY = "fvdm_conditioner_config"
 TEACHER_CONFIG_KEY = "fvdm_teacher_config"  # the frozen teacher of guidance / consistency checkpoints
+DRAW_STRIDE = 1_000_003  # seed offset between evaluation noise draws (torch CPU generators keep 32 seed bits)
 
 
 @dataclass
@@ -41,8 +42,13 @@ class GenerationEvalConfig:
     guidance: float = 5.0
     max_batches: Optional[int] = 4  # validation batches evaluated per rank (None: all)
     seed: int = 0  # noise of batch i is drawn from seed + i, so evaluations compare like with like
+    noise_draws: int = 1  # samples per held-out shape from independent noise: more draws, a steadier mean IoU
     saved_meshes: int = 4  # samples of validation batch 0 saved as PLY + preview to MLflow (rank zero)
     mesh_resolution: int = 64  # marching-cubes cells per axis of those meshes
+
+    def __post_init__(self) -> None:
+        if self.noise_draws < 1:
+            raise ConfigError(f"eval.noise_draws: need at least 1, got {self.noise_draws}")
 
 
 def occupancy_iou(vae: VecSetVAE, latents: torch.Tensor, points: torch.Tensor, reference_sdf: torch.Tensor,
@@ -129,10 +135,13 @@ class LatentDiffusionStage(Stage):
         with torch.set_grad_enabled(trains):
             return self.conditioner(batch["image"])
 
-    def eval_noise(self, batch_idx: int, like: torch.Tensor) -> torch.Tensor:
-        """Fixed noise for validation batch ``batch_idx`` (same at every evaluation and in every stage)."""
-        g = torch.Generator().manual_seed(self.cfg.eval.seed + batch_idx)
-        return torch.randn(like.shape, generator=g).to(like)
+    def eval_noise(self, batch_idx: int, like: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(draw, noise)`` for each of the ``eval.noise_draws`` fixed noise draws of validation batch
+        ``batch_idx``, shaped like ``like``: the same at every evaluation and in every stage (draw 0 is seeded
+        ``eval.seed + batch_idx``, draw k that plus k * DRAW_STRIDE)."""
+        for draw in range(self.cfg.eval.noise_draws):
+            g = torch.Generator().manual_seed(self.cfg.eval.seed + batch_idx + DRAW_STRIDE * draw)
+            yield draw, torch.randn(like.shape, generator=g).to(like)
 
     def save_samples(self, latents: torch.Tensor, batch: dict[str, Any]) -> None:
         """The first ``eval.saved_meshes`` of DiT-space ``latents`` [B, N, C] (samples for validation batch 0) as

@@ -117,16 +117,16 @@ class FlowStage(LatentDiffusionStage):
         x1 = self.clean_latents(batch)
         cond = self.condition(batch)
         uncond = self.conditioner.unconditional(cond.shape[0], cond.device, cond.dtype)
-        noise = self.eval_noise(batch_idx, x1)
         points, sdf = batch["vol"][..., :3], batch["vol"][..., 3]
-        guided = euler_sample(self.dit, noise, cond, uncond, steps=e.steps, guidance=e.guidance)
-        conditional = euler_sample(self.dit, noise, cond, None, steps=e.steps)
-        unconditional = euler_sample(self.dit, noise, uncond, None, steps=e.steps)
-        if batch_idx == 0:
-            self.save_samples(guided, batch)
-        occupancy_iou(self.vae, guided, points, sdf, self.gen_iou)
-        occupancy_iou(self.vae, conditional, points, sdf, self.cond_iou)
-        occupancy_iou(self.vae, unconditional, points, sdf, self.uncond_iou)
+        for draw, noise in self.eval_noise(batch_idx, x1):
+            guided = euler_sample(self.dit, noise, cond, uncond, steps=e.steps, guidance=e.guidance)
+            conditional = euler_sample(self.dit, noise, cond, None, steps=e.steps)
+            unconditional = euler_sample(self.dit, noise, uncond, None, steps=e.steps)
+            if batch_idx == 0 and draw == 0:
+                self.save_samples(guided, batch)
+            occupancy_iou(self.vae, guided, points, sdf, self.gen_iou)
+            occupancy_iou(self.vae, conditional, points, sdf, self.cond_iou)
+            occupancy_iou(self.vae, unconditional, points, sdf, self.uncond_iou)
         occupancy_iou(self.vae, x1, points, sdf, self.recon_iou)
         bs = x1.shape[0]
         self.log_metric("val/gen_v_iou", self.gen_iou, bs)

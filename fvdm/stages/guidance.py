@@ -27,7 +27,7 @@ from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.sampler import euler_sample, guided_velocity
 from fvdm.stages.base import OptimConfig, freeze
 from fvdm.stages.checkpoints import load_diffusion
-from fvdm.stages.diffusion import GenerationEvalConfig, LatentDiffusionStage, mean_metrics, occupancy_iou
+from fvdm.stages.diffusion import DRAW_STRIDE, GenerationEvalConfig, LatentDiffusionStage, mean_metrics, occupancy_iou
 
 TIME_BANDS = 5  # velocity error is reported on [0, 0.2), [0.2, 0.4), ... [0.8, 1)
 
@@ -95,27 +95,28 @@ class GuidanceDistillation(LatentDiffusionStage):
         x1 = self.clean_latents(batch)
         cond = self.condition(batch)
         b = x1.shape[0]
-        noise = self.eval_noise(batch_idx, x1)
         w = torch.full((b,), e.guidance, device=x1.device)
-        for band in range(TIME_BANDS):  # one t per sample inside the band, from a fixed generator
-            g = torch.Generator().manual_seed(e.seed + 1000 * band + batch_idx)
-            t = ((band + torch.rand(b, generator=g)) / TIME_BANDS).to(x1.device)
-            x_t = interpolate(x1, noise, t)
-            target = self.teacher_velocity(x_t, t, cond, w).float()
-            err = (self.dit(x_t, t, cond, guidance=w).float() - target).flatten(1).norm(dim=1)
-            metric = self.band_error[f"val__vel_rel_err_t{band}"]
-            metric.update(err / target.flatten(1).norm(dim=1).clamp(min=1e-12))
-            self.log_metric(f"val/vel_rel_err_t{band}", metric, b)
-        uncond = self.conditioner.unconditional(b, cond.device, cond.dtype)
-        student = euler_sample(self.dit, noise, cond, None, steps=e.steps, guidance=e.guidance)
-        teacher = euler_sample(self.teacher, noise, cond, uncond, steps=e.steps, guidance=e.guidance)
-        if batch_idx == 0:
-            self.save_samples(student, batch)
         points, sdf = batch["vol"][..., :3], batch["vol"][..., 3]
-        teacher_sdf = self.vae.query(self.vae.decode(teacher / self.vae.scale_factor), points)
-        occupancy_iou(self.vae, student, points, teacher_sdf, self.student_vs_teacher)
-        occupancy_iou(self.vae, student, points, sdf, self.student_iou)
-        self.teacher_iou.update(teacher_sdf.float(), sdf.float())
+        uncond = self.conditioner.unconditional(b, cond.device, cond.dtype)
+        for draw, noise in self.eval_noise(batch_idx, x1):
+            for band in range(TIME_BANDS):  # one t per sample inside the band, from a fixed generator
+                g = torch.Generator().manual_seed(e.seed + 1000 * band + batch_idx + DRAW_STRIDE * draw)
+                t = ((band + torch.rand(b, generator=g)) / TIME_BANDS).to(x1.device)
+                x_t = interpolate(x1, noise, t)
+                target = self.teacher_velocity(x_t, t, cond, w).float()
+                err = (self.dit(x_t, t, cond, guidance=w).float() - target).flatten(1).norm(dim=1)
+                metric = self.band_error[f"val__vel_rel_err_t{band}"]
+                metric.update(err / target.flatten(1).norm(dim=1).clamp(min=1e-12))
+            student = euler_sample(self.dit, noise, cond, None, steps=e.steps, guidance=e.guidance)
+            teacher = euler_sample(self.teacher, noise, cond, uncond, steps=e.steps, guidance=e.guidance)
+            if batch_idx == 0 and draw == 0:
+                self.save_samples(student, batch)
+            teacher_sdf = self.vae.query(self.vae.decode(teacher / self.vae.scale_factor), points)
+            occupancy_iou(self.vae, student, points, teacher_sdf, self.student_vs_teacher)
+            occupancy_iou(self.vae, student, points, sdf, self.student_iou)
+            self.teacher_iou.update(teacher_sdf.float(), sdf.float())
+        for band in range(TIME_BANDS):
+            self.log_metric(f"val/vel_rel_err_t{band}", self.band_error[f"val__vel_rel_err_t{band}"], b)
         self.log_metric("val/student_teacher_v_iou", self.student_vs_teacher, b)
         self.log_metric("val/gen_v_iou", self.student_iou, b)
         self.log_metric("val/teacher_gen_v_iou", self.teacher_iou, b)
