@@ -122,17 +122,25 @@ def test_guidance_distillation_learns_the_guided_velocity(synth_data, flow_run, 
 
 
 def test_eval_noise_draws_are_fixed_and_independent(synth_data, flow_run, tmp_path):
-    """Draw 0 is the single-draw noise; further draws differ from it and repeat at every evaluation."""
+    """Draw 0 is the single-draw noise; further draws differ from it and repeat at every evaluation; a shape's
+    noise follows its key, not its place in the batch."""
     from fvdm.config import ConfigError
 
     like = torch.empty(2, 32, 32)
-    single = [noise for _, noise in _stage(synth_data, flow_run, tmp_path).eval_noise(3, like)]
+    batch = {"key": ["shape_a", "shape_b"]}
+    single = [noise for _, noise in _stage(synth_data, flow_run, tmp_path).eval_noise(batch, 3, like)]
     stage = _stage(synth_data, flow_run, tmp_path, "eval.noise_draws=3")
-    draws = list(stage.eval_noise(3, like))
+    draws = list(stage.eval_noise(batch, 3, like))
     assert [d for d, _ in draws] == [0, 1, 2] and len(single) == 1
     assert torch.equal(draws[0][1], single[0])
     assert not torch.equal(draws[1][1], draws[0][1]) and not torch.equal(draws[2][1], draws[1][1])
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(draws, stage.eval_noise(3, like)))
+    assert not torch.equal(draws[0][1][0], draws[0][1][1])  # two shapes, two noises
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(draws, stage.eval_noise(batch, 3, like)))
+    swapped = list(stage.eval_noise({"key": ["shape_b", "shape_a"]}, 0, like))
+    assert all(torch.equal(a, b.flip(0)) for (_, a), (_, b) in zip(draws, swapped))
+    keyless = [noise for _, noise in stage.eval_noise({}, 3, like)]  # batches without keys: by batch index
+    again = [noise for _, noise in stage.eval_noise({}, 3, like)]
+    assert len(keyless) == 3 and all(torch.equal(a, b) for a, b in zip(keyless, again))
     with pytest.raises(ConfigError, match="noise_draws"):
         _stage(synth_data, flow_run, tmp_path, "eval.noise_draws=0")
 

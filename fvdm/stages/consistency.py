@@ -153,7 +153,7 @@ class ConsistencyDistillation(LatentDiffusionStage):
         def field(latents: torch.Tensor) -> torch.Tensor:
             return self.vae.query(self.vae.decode(latents / self.vae.scale_factor), points).float()
 
-        for draw, noise in self.eval_noise(batch_idx, x1):
+        for draw, noise in self.eval_noise(batch, batch_idx, x1):
             reference = field(euler_sample(self.teacher, noise, cond, uncond, steps=e.steps, guidance=e.guidance))
             for k in e.student_steps:
                 samples = {"student": self.few_step_sample(noise, cond, k),

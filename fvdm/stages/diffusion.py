@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -41,7 +42,7 @@ class GenerationEvalConfig:
     steps: int = 50
     guidance: float = 5.0
     max_batches: Optional[int] = 4  # validation batches evaluated per rank (None: all)
-    seed: int = 0  # noise of batch i is drawn from seed + i, so evaluations compare like with like
+    seed: int = 0  # a shape's noise is drawn from (seed, its key), so evaluations compare like with like
     noise_draws: int = 1  # samples per held-out shape from independent noise: more draws, a steadier mean IoU
     saved_meshes: int = 4  # samples of validation batch 0 saved as PLY + preview to MLflow (rank zero)
     mesh_resolution: int = 64  # marching-cubes cells per axis of those meshes
@@ -135,13 +136,21 @@ class LatentDiffusionStage(Stage):
         with torch.set_grad_enabled(trains):
             return self.conditioner(batch["image"])
 
-    def eval_noise(self, batch_idx: int, like: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        """``(draw, noise)`` for each of the ``eval.noise_draws`` fixed noise draws of validation batch
-        ``batch_idx``, shaped like ``like``: the same at every evaluation and in every stage (draw 0 is seeded
-        ``eval.seed + batch_idx``, draw k that plus k * DRAW_STRIDE)."""
+    def eval_noise(self, batch: dict[str, Any], batch_idx: int,
+                   like: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(draw, noise)`` for each of the ``eval.noise_draws`` fixed noise draws of a validation batch, shaped
+        like ``like`` [B, N, C]. Each sample's noise is seeded by ``eval.seed``, its shape ``key`` and the draw,
+        so a shape gets the same noise at every evaluation, in every stage, whatever batch, worker or rank it
+        lands in; batches without keys fall back to ``eval.seed + batch_idx`` (draw k: plus k * DRAW_STRIDE)."""
+        seed, keys = self.cfg.eval.seed, batch.get("key")
         for draw in range(self.cfg.eval.noise_draws):
-            g = torch.Generator().manual_seed(self.cfg.eval.seed + batch_idx + DRAW_STRIDE * draw)
-            yield draw, torch.randn(like.shape, generator=g).to(like)
+            if keys is None:
+                g = torch.Generator().manual_seed(seed + batch_idx + DRAW_STRIDE * draw)
+                yield draw, torch.randn(like.shape, generator=g).to(like)
+                continue
+            rows = [torch.randn(like.shape[1:], generator=torch.Generator().manual_seed(
+                zlib.crc32(f"{seed}/{key}/{draw}".encode()))) for key in keys]
+            yield draw, torch.stack(rows).to(like)
 
     def save_samples(self, latents: torch.Tensor, batch: dict[str, Any]) -> None:
         """The first ``eval.saved_meshes`` of DiT-space ``latents`` [B, N, C] (samples for validation batch 0) as

@@ -118,7 +118,7 @@ class FlowStage(LatentDiffusionStage):
         cond = self.condition(batch)
         uncond = self.conditioner.unconditional(cond.shape[0], cond.device, cond.dtype)
         points, sdf = batch["vol"][..., :3], batch["vol"][..., 3]
-        for draw, noise in self.eval_noise(batch_idx, x1):
+        for draw, noise in self.eval_noise(batch, batch_idx, x1):
             guided = euler_sample(self.dit, noise, cond, uncond, steps=e.steps, guidance=e.guidance)
             conditional = euler_sample(self.dit, noise, cond, None, steps=e.steps)
             unconditional = euler_sample(self.dit, noise, uncond, None, steps=e.steps)

@@ -98,7 +98,7 @@ class GuidanceDistillation(LatentDiffusionStage):
         w = torch.full((b,), e.guidance, device=x1.device)
         points, sdf = batch["vol"][..., :3], batch["vol"][..., 3]
         uncond = self.conditioner.unconditional(b, cond.device, cond.dtype)
-        for draw, noise in self.eval_noise(batch_idx, x1):
+        for draw, noise in self.eval_noise(batch, batch_idx, x1):
             for band in range(TIME_BANDS):  # one t per sample inside the band, from a fixed generator
                 g = torch.Generator().manual_seed(e.seed + 1000 * band + batch_idx + DRAW_STRIDE * draw)
                 t = ((band + torch.rand(b, generator=g)) / TIME_BANDS).to(x1.device)
