@@ -123,7 +123,7 @@ def test_guidance_distillation_learns_the_guided_velocity(synth_data, flow_run, 
 
 def test_eval_noise_draws_are_fixed_and_independent(synth_data, flow_run, tmp_path):
     """Draw 0 is the single-draw noise; further draws differ from it and repeat at every evaluation; a shape's
-    noise follows its key, not its place in the batch."""
+    noise (and its guidance band times) follows its key, not its place in the batch."""
     from fvdm.config import ConfigError
 
     like = torch.empty(2, 32, 32)
@@ -141,6 +141,13 @@ def test_eval_noise_draws_are_fixed_and_independent(synth_data, flow_run, tmp_pa
     keyless = [noise for _, noise in stage.eval_noise({}, 3, like)]  # batches without keys: by batch index
     again = [noise for _, noise in stage.eval_noise({}, 3, like)]
     assert len(keyless) == 3 and all(torch.equal(a, b) for a, b in zip(keyless, again))
+    assert not torch.equal(keyless[0], next(stage.eval_noise({}, 4, like))[1])
+    # the guidance band times: keyed like the noise, one stream per band, uniform in [0, 1)
+    band = stage.eval_values(batch, 3, 0, (2,), torch.rand, stream="band1")
+    assert torch.equal(band.flip(0), stage.eval_values({"key": ["shape_b", "shape_a"]}, 0, 0, (2,), torch.rand,
+                                                       stream="band1"))
+    assert not torch.equal(band, stage.eval_values(batch, 3, 0, (2,), torch.rand, stream="band2"))
+    assert band.shape == (2,) and bool(((band >= 0) & (band < 1)).all())
     with pytest.raises(ConfigError, match="noise_draws"):
         _stage(synth_data, flow_run, tmp_path, "eval.noise_draws=0")
 

@@ -11,7 +11,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
@@ -32,7 +32,6 @@ from fvdm.stages.vae import VAE_CONFIG_KEY
 DIT_CONFIG_KEY = "fvdm_dit_config"
 CONDITIONER_CONFIG_KEY = "fvdm_conditioner_config"
 TEACHER_CONFIG_KEY = "fvdm_teacher_config"  # the frozen teacher of guidance / consistency checkpoints
-DRAW_STRIDE = 1_000_003  # seed offset between evaluation noise draws (torch CPU generators keep 32 seed bits)
 
 
 @dataclass
@@ -139,18 +138,20 @@ class LatentDiffusionStage(Stage):
     def eval_noise(self, batch: dict[str, Any], batch_idx: int,
                    like: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         """``(draw, noise)`` for each of the ``eval.noise_draws`` fixed noise draws of a validation batch, shaped
-        like ``like`` [B, N, C]. Each sample's noise is seeded by ``eval.seed``, its shape ``key`` and the draw,
-        so a shape gets the same noise at every evaluation, in every stage, whatever batch, worker or rank it
-        lands in; batches without keys fall back to ``eval.seed + batch_idx`` (draw k: plus k * DRAW_STRIDE)."""
-        seed, keys = self.cfg.eval.seed, batch.get("key")
+        like ``like`` [B, N, C] (``eval_values``)."""
         for draw in range(self.cfg.eval.noise_draws):
-            if keys is None:
-                g = torch.Generator().manual_seed(seed + batch_idx + DRAW_STRIDE * draw)
-                yield draw, torch.randn(like.shape, generator=g).to(like)
-                continue
-            rows = [torch.randn(like.shape[1:], generator=torch.Generator().manual_seed(
-                zlib.crc32(f"{seed}/{key}/{draw}".encode()))) for key in keys]
-            yield draw, torch.stack(rows).to(like)
+            yield draw, self.eval_values(batch, batch_idx, draw, like.shape).to(like)
+
+    def eval_values(self, batch: dict[str, Any], batch_idx: int, draw: int, shape: Sequence[int],
+                    sampler: Callable[..., torch.Tensor] = torch.randn, stream: str = "") -> torch.Tensor:
+        """[B, ...] = ``shape`` values of ``sampler`` (``torch.randn``, ``torch.rand``) for a validation batch, one
+        generator per sample seeded by ``eval.seed``, the sample's shape ``key``, the draw and ``stream``: a shape
+        gets the same values at every evaluation, in every stage, whatever batch, worker or rank it lands in.
+        Batches without keys use the batch index and row instead."""
+        keys = batch.get("key") or [f"batch{batch_idx}/{row}" for row in range(shape[0])]
+        tag = f"/{stream}" if stream else ""
+        return torch.stack([sampler(tuple(shape[1:]), generator=torch.Generator().manual_seed(
+            zlib.crc32(f"{self.cfg.eval.seed}/{key}/{draw}{tag}".encode()))) for key in keys])
 
     def save_samples(self, latents: torch.Tensor, batch: dict[str, Any]) -> None:
         """The first ``eval.saved_meshes`` of DiT-space ``latents`` [B, N, C] (samples for validation batch 0) as

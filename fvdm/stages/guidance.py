@@ -27,7 +27,7 @@ from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.sampler import euler_sample, guided_velocity
 from fvdm.stages.base import OptimConfig, freeze
 from fvdm.stages.checkpoints import load_diffusion
-from fvdm.stages.diffusion import DRAW_STRIDE, GenerationEvalConfig, LatentDiffusionStage, mean_metrics, occupancy_iou
+from fvdm.stages.diffusion import GenerationEvalConfig, LatentDiffusionStage, mean_metrics, occupancy_iou
 
 TIME_BANDS = 5  # velocity error is reported on [0, 0.2), [0.2, 0.4), ... [0.8, 1)
 
@@ -99,9 +99,9 @@ class GuidanceDistillation(LatentDiffusionStage):
         points, sdf = batch["vol"][..., :3], batch["vol"][..., 3]
         uncond = self.conditioner.unconditional(b, cond.device, cond.dtype)
         for draw, noise in self.eval_noise(batch, batch_idx, x1):
-            for band in range(TIME_BANDS):  # one t per sample inside the band, from a fixed generator
-                g = torch.Generator().manual_seed(e.seed + 1000 * band + batch_idx + DRAW_STRIDE * draw)
-                t = ((band + torch.rand(b, generator=g)) / TIME_BANDS).to(x1.device)
+            for band in range(TIME_BANDS):  # one fixed t per sample inside the band
+                u = self.eval_values(batch, batch_idx, draw, (b,), torch.rand, stream=f"band{band}")
+                t = ((band + u) / TIME_BANDS).to(x1.device)
                 x_t = interpolate(x1, noise, t)
                 target = self.teacher_velocity(x_t, t, cond, w).float()
                 err = (self.dit(x_t, t, cond, guidance=w).float() - target).flatten(1).norm(dim=1)
