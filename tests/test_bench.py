@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 
 from fvdm.cli import main
+from fvdm.stages.checkpoints import load_pretrained_vae
 
 
 def test_bench_vae_and_decode_records(tmp_path):
     results = tmp_path / "results.json"
     common = ["--preset", "tiny", "--workers", "1", "--batch-size", "2", "--num-points", "256",
               "--results", str(results)]
-    assert main(["bench", "vae", "--minutes", "0.1", "--steps", "3", "--shapes", "6", "--num-surface", "512",
+    assert main(["bench", "vae", "--minutes", "0.1", "--steps", "3", "--shapes", "6", "--num-surface", "448",
+                 "--num-sharp", "64",
                  "--resolution", "24", "--data", str(tmp_path / "vae-data"), "--run-root", str(tmp_path / "runs"),
                  *common]) == 0
     assert main(["bench", "decode", "--train-minutes", "0.05", "--resolution", "48", "--train-shapes", "6",
@@ -23,6 +25,10 @@ def test_bench_vae_and_decode_records(tmp_path):
                  *common]) == 0
     vae, decode, decode_from_vae = json.loads(results.read_text())
     assert vae["bench"] == "vae" and vae["figures"]["steps"] >= 1
+    # a sharp-edge pool: the encoder's input is 448 uniform rows, then 64 edge rows (decode reads them back)
+    assert vae["figures"]["num_sharp"] == 64 and decode_from_vae["figures"]["efficient"]["params_m"] > 0
+    pools = load_pretrained_vae(tmp_path / "runs" / "bench-vae-tiny.ckpt").cfg
+    assert (pools.pc_size, pools.pc_sharpedge_size) == (448, 64)
     assert len(decode_from_vae["figures"]["train_steps"]) == 1  # decoder_ft only
     assert decode_from_vae["figures"]["compiled"] and not decode["figures"]["compiled"]
     assert decode_from_vae["figures"]["efficient"]["geo_mlp_ratio"] == 1  # the decoder_ft student

@@ -38,6 +38,8 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--run-root", default="bench-runs")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-surface", type=int, default=20480)
+    p.add_argument("--num-sharp", type=int, default=0,
+                   help="sharp-edge pool: encoder input = --num-surface uniform rows + this many edge rows (0: none)")
     p.add_argument("--num-points", type=int, default=4096, help="volume and near-surface points per shape")
     # batch 32 at lr 4e-4 / 1e-3 (5.5-minute cosine, two runs sharing the H100): V-IoU on 16 held-out shapes 0.18 /
     # 0.23 after 1,500 steps, down to 0.06 / 0.05 on the way; batch 16 at 2e-4: 0.74 at 3,000 steps, 0.92 at 6,000
@@ -58,7 +60,10 @@ def main(argv: list[str]) -> dict:
     a = p.parse_args(argv)
 
     t0 = time.perf_counter()
-    counts = SampleCounts(surface=max(a.num_surface, 8192), sharp=2048, vol=32768, near=32768, renders=0)
+    # stored counts cover base's pools (20,480 uniform, up to 4,096 edge rows), so runs with either share one data set
+    counts = SampleCounts(surface=max(a.num_surface, 20480), sharp=max(a.num_sharp, 4096), vol=32768, near=32768,
+                          renders=0)
+    pools = [f"vae.pc_size={a.num_surface}", f"vae.pc_sharpedge_size={a.num_sharp}"] if a.num_sharp else []
     run_synth(a.data, num=a.shapes, seed=0, val_fraction=0.1, counts=counts, workers=a.workers, shard_size=64)
     synth_s = time.perf_counter() - t0
 
@@ -74,7 +79,8 @@ def main(argv: list[str]) -> dict:
         evaluation = ["eval.every_n_steps=1000000", "eval.max_batches=1", "eval.num_mesh_shapes=1", "eval.resolution=64"]
     module, trainer = fit_capped("vae", VAEStage, [
         f"vae_preset={a.preset}", f"data.train={a.data}/train", f"data.val={a.data}/val",
-        f"data.batch_size={a.batch_size}", f"data.num_surface={a.num_surface}", f"data.num_vol={a.num_points}",
+        f"data.batch_size={a.batch_size}", f"data.num_surface={a.num_surface}", f"data.num_sharp={a.num_sharp}",
+        *pools, f"data.num_vol={a.num_points}",
         f"data.num_near={a.num_points}", f"data.num_workers={min(14, a.workers)}", "data.shuffle_buffer=256",
         f"run_root={a.run_root}", f"name=bench-vae-{a.preset}", f"trainer.max_steps={a.steps}",
         f"trainer.max_time={time_cap(a.minutes)}", f"trainer.precision={a.precision}",
@@ -95,8 +101,8 @@ def main(argv: list[str]) -> dict:
     figures = {
         "preset": a.preset, "params_m": sum(p.numel() for p in vae.parameters()) / 1e6, "train_shapes": a.shapes,
         "train_minutes": train_s / 60, "steps": steps, "samples_per_s": steps * a.batch_size / train_s,
-        "synth_s": synth_s, "batch_size": a.batch_size, "precision": trainer.precision, "lr": a.lr, "warmup": a.warmup,
-        "schedule": a.schedule, "compile": a.compile,
+        "synth_s": synth_s, "batch_size": a.batch_size, "num_surface": a.num_surface, "num_sharp": a.num_sharp,
+        "precision": trainer.precision, "lr": a.lr, "warmup": a.warmup, "schedule": a.schedule, "compile": a.compile,
         "overrides": list(a.overrides), "checkpoint": str(checkpoint),
         **{k.rsplit("/", 1)[-1]: v for k, v in metrics.items()},
     }
