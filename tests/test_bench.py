@@ -25,8 +25,8 @@ def test_bench_vae_and_decode_records(tmp_path):
                  *common]) == 0
     vae, decode, decode_from_vae = json.loads(results.read_text())
     assert vae["bench"] == "vae" and vae["figures"]["steps"] >= 1
-    # a sharp-edge pool: the encoder's input is 448 uniform rows, then 64 edge rows (decode reads them back)
-    assert vae["figures"]["num_sharp"] == 64 and decode_from_vae["figures"]["efficient"]["params_m"] > 0
+    # a sharp-edge pool: the encoder's input is 448 uniform rows, then 64 edge rows (the third run decoded them)
+    assert vae["figures"]["num_sharp"] == 64
     pools = load_pretrained_vae(tmp_path / "runs" / "bench-vae-tiny.ckpt").cfg
     assert (pools.pc_size, pools.pc_sharpedge_size) == (448, 64)
     assert len(decode_from_vae["figures"]["train_steps"]) == 1  # decoder_ft only
