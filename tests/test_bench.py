@@ -30,6 +30,9 @@ def test_bench_vae_and_decode_records(tmp_path):
     pools = load_pretrained_vae(tmp_path / "runs" / "bench-vae-tiny.ckpt").cfg
     assert (pools.pc_size, pools.pc_sharpedge_size) == (448, 64)
     assert len(decode_from_vae["figures"]["train_steps"]) == 1  # decoder_ft only
+    held = decode_from_vae["figures"]["held_out"]  # the eval callback's metric on every held-out shape, both models
+    assert held["standard"]["shapes"] == held["efficient"]["shapes"] >= 1
+    assert held["v_iou_drop_points"] == round(100 * (held["standard"]["v_iou"] - held["efficient"]["v_iou"]), 2)
     assert decode_from_vae["figures"]["compiled"] and not decode["figures"]["compiled"]
     assert decode_from_vae["figures"]["efficient"]["geo_mlp_ratio"] == 1  # the decoder_ft student
     assert (tmp_path / "runs2" / "bench-decode-decoder_ft.ckpt").is_file()

@@ -5,7 +5,8 @@ decoder`` (the decoder_ft student), ``+ adaptive KV selection`` (algorithm 2). C
 decoded field (trilinear at held-out volume / near-surface SDF samples, against the ground truth), milliseconds per
 shape from latents to mesh (median of synchronized repeats after a warm-up, torch marching cubes in every row),
 queries and attention FLOPs per shape, and the time per stage (trunk decode, each cascade level, surface
-extraction). bf16 on CUDA (see ``--weights``).
+extraction). bf16 on CUDA (see ``--weights``). Beside the table, ``held_out``: the eval callback's V-IoU / S-IoU
+of each model over every held-out shape at its point samples (issue 10's decoder bar: efficient within 1 point).
 
 Models: ``--vae`` and ``--efficient-vae`` checkpoints, or ``--hunyuan3d`` (a released VAE folder with an encoder)
 and optionally ``--hunyuan3d-efficient`` (e.g. the turbo VAE, which decodes the same latents), or
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from fvdm.bench.results import record
+from fvdm.callbacks.reconstruction import EvalSettings, run_evaluation
 from fvdm.config import DataConfig
 from fvdm.data.datamodule import ShapeDataModule
 from fvdm.data.sampling import SampleCounts
@@ -215,6 +217,22 @@ def run_row(name, vae, decoder, latents, samples, a, device, autocast, selection
     return row
 
 
+def held_out_ious(models: dict, a: argparse.Namespace, device: torch.device, autocast) -> dict:
+    """The eval callback's V-IoU / S-IoU (every held-out shape, posterior mean, at its point samples) of each model:
+    the issue-10 decoder bar (efficient decoder within 1 V-IoU point of its VAE) beside the grid-based rows."""
+    out = {}
+    for name, vae in models.items():
+        val = ShapeDataModule(data_config(a, vae.cfg), images=False).val_dataloader()
+        metrics, _ = run_evaluation(vae, val, EvalSettings(num_mesh_shapes=0, max_batches=None), device=device,
+                                    autocast=autocast)
+        out[name] = {"v_iou": round(metrics["v_iou"], 4), "s_iou": round(metrics["s_iou"], 4),
+                     "shapes": int(metrics["shapes"])}
+    if len(out) == 2:
+        out["v_iou_drop_points"] = round(100 * (out["standard"]["v_iou"] - out["efficient"]["v_iou"]), 2)
+    print(f"held-out points: {out}", flush=True)
+    return out
+
+
 def main(argv: list[str]) -> dict:
     a = parse(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -224,6 +242,8 @@ def main(argv: list[str]) -> dict:
     standard, efficient = standard.to(device).eval(), efficient.to(device).eval() if efficient else None
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and a.precision == "bf16"
                 else nullcontext())
+    held_out = held_out_ious({"standard": standard, **({"efficient": efficient} if efficient else {})}, a, device,
+                             autocast)
 
     # held-out shapes -> latents of the standard encoder (the student shares it, frozen)
     val = ShapeDataModule(data_config(a, standard.cfg), images=False).val_dataloader()
@@ -277,7 +297,8 @@ def main(argv: list[str]) -> dict:
                              "samples": a.kv_samples, "mode": a.kv_mode},
                "standard": describe(standard), "efficient": describe(efficient) if efficient else None,
                "source": ("trained" if a.train_minutes is not None else a.vae or a.hunyuan3d),
-               "train_minutes": a.train_minutes, "train_steps": steps, "setup_s": round(setup_s, 1)}
+               "train_minutes": a.train_minutes, "train_steps": steps, "setup_s": round(setup_s, 1),
+               "held_out": held_out}
     entry = record("decode", figures, path=a.results)
     print(f"recorded to {a.results}")
     return entry
