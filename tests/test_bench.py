@@ -40,8 +40,10 @@ def test_bench_vae_and_decode_records(tmp_path):
     for key in ("v_iou", "s_iou", "v_iou_baseline", "s_iou_baseline", "decode_ms"):
         assert key in vae["figures"], key
     rows = {r["row"]: r for r in decode["figures"]["rows"]}
-    assert list(rows) == ["dense", "+ hierarchical", "+ efficient decoder", "+ adaptive KV selection"]
+    assert list(rows) == ["dense", "+ hierarchical", "+ efficient decoder", "+ adaptive KV selection",
+                          "+ narrow cascade", "narrow cascade, exact attention"]
     assert rows["+ hierarchical"]["queries"] <= rows["dense"]["queries"]
+    assert rows["narrow cascade, exact attention"]["queries"] <= rows["+ efficient decoder"]["queries"]
     assert rows["+ adaptive KV selection"]["attention_gflops"] < rows["+ efficient decoder"]["attention_gflops"]
 
 

@@ -115,10 +115,14 @@ def test_flag_operators():
     assert dilate(above, 1).sum() == 27 and dilate(above, 2).sum() == 125 and dilate(above, 0).sum() == 1
 
 
-@pytest.mark.parametrize("resolution,min_resolution", [(64, 32), (96, 24)])
-def test_matches_dense_on_analytic_shapes(analytic, resolution, min_resolution):
+FVDM_CASCADE = dict(near_band="cells", final_cells="crossing")  # fvdm's cascade: narrow band, surface following
+
+
+@pytest.mark.parametrize("resolution,min_resolution,settings",
+                         [(64, 32, {}), (96, 24, {}), (64, 32, FVDM_CASCADE), (96, 24, FVDM_CASCADE)])
+def test_matches_dense_on_analytic_shapes(analytic, resolution, min_resolution, settings):
     lat = latents(0, 1)
-    decoder = HierarchicalVolumeDecoder(min_resolution=min_resolution)
+    decoder = HierarchicalVolumeDecoder(min_resolution=min_resolution, **settings)
     sparse = decoder(analytic, lat, resolution, 1.01)
     dense = DenseVolumeDecoder()(analytic, lat, resolution, 1.01)
     assert [s.resolution for s in sparse.levels] == cascade(resolution, min_resolution)
@@ -183,9 +187,10 @@ class Bumpy:
 
 
 def test_surface_missed_by_coarse_levels_is_still_closed():
-    # no FindNear, no dilation, a very coarse start: the refined blocks miss parts of the surface, so some surface
-    # cells straddle the queried set; they take the coarser level's fill and the mesh stays closed
-    decoder = HierarchicalVolumeDecoder(min_resolution=8, eta=None, dilation=0)
+    # no FindNear, no dilation, a very coarse start, no surface following: the refined blocks miss parts of the
+    # surface, so some surface cells straddle the queried set; they take the coarser level's fill and the mesh
+    # stays closed
+    decoder = HierarchicalVolumeDecoder(min_resolution=8, eta=None, dilation=0, follow_passes=0)
     sparse = decoder(Bumpy(), torch.zeros(1, 1, 1), 64, 1.01)
     filled = sparse.to_dense().sdf[0]
     crossing, covered = surface_cells_covered(filled, queried_mask(sparse, 0))
@@ -194,6 +199,44 @@ def test_surface_missed_by_coarse_levels_is_still_closed():
     assert same_mesh(mesh, marching_cubes(filled))  # = marching cubes of the complete filled grid
     (decoded,) = decode_mesh(Bumpy(), torch.zeros(1, 1, 1), 64, decoder=decoder)
     assert decoded.to_trimesh().is_watertight
+
+
+def test_surface_following_queries_less_for_the_same_mesh(analytic):
+    # exact truncated SDFs at fvdm's u = 0.05: the narrow band and surface following leave the mesh identical to
+    # the paper cascade's (and the dense one's) and query fewer points at the last two levels
+    field = AnalyticSDF(analytic.shapes, truncation=0.05)
+    lat = latents(0, 1)
+    paper = HierarchicalVolumeDecoder(min_resolution=24)(field, lat, 96, 1.01)
+    fvdm = HierarchicalVolumeDecoder(min_resolution=24, **FVDM_CASCADE)(field, lat, 96, 1.01)
+    dense = DenseVolumeDecoder()(field, lat, 96, 1.01)
+    for b in range(2):
+        (_, p48, p96), (_, f48, f96) = ([s.queries[b] for s in x.levels] for x in (paper, fvdm))
+        assert f48 <= p48 and f96 < 0.8 * p96
+        crossing, covered = surface_cells_covered(dense.sdf[b], queried_mask(fvdm, b))
+        assert covered == crossing
+        assert same_mesh(sparse_marching_cubes(*fvdm.cells_of(b)), marching_cubes(dense.sdf[b]))
+
+
+def test_surface_following_recovers_what_the_coarse_levels_missed():
+    # the set-up of the test above: following the surface from the refined blocks at the final level queries the
+    # parts the coarse levels missed. After the paper's final refinement that recovers every surface cell of this
+    # field (4.5-Lipschitz, finer than the coarse levels); from the crossing cells alone it misses small pockets
+    # that touch no refined block, and still recovers most
+    dense = DenseVolumeDecoder()(Bumpy(), torch.zeros(1, 1, 1), 64, 1.01).sdf[0]
+
+    def covered(**settings) -> tuple[SparseField, int, int]:
+        decoder = HierarchicalVolumeDecoder(min_resolution=8, eta=None, dilation=0, **settings)
+        sparse = decoder(Bumpy(), torch.zeros(1, 1, 1), 64, 1.01)
+        return sparse, *surface_cells_covered(dense, queried_mask(sparse, 0))
+
+    sparse, crossing, paper = covered()
+    assert paper == crossing and same_mesh(sparse_marching_cubes(*sparse.cells_of(0)), marching_cubes(dense))
+    assert covered(follow_passes=0)[2] < crossing
+    _, _, unfollowed = covered(final_cells="crossing", follow_passes=0)
+    followed, _, following = covered(final_cells="crossing")
+    assert unfollowed < following < crossing
+    filled = followed.to_dense().sdf[0]  # missed pockets take the fill: still the mesh of the complete grid
+    assert same_mesh(sparse_marching_cubes(*followed.cells_of(0)), marching_cubes(filled))
 
 
 def test_batch_with_empty_and_all_inside_shapes(analytic):
@@ -266,5 +309,11 @@ def test_bad_settings_are_named():
         HierarchicalVolumeDecoder(eta=0.0)
     with pytest.raises(ValueError, match="dilation"):
         HierarchicalVolumeDecoder(dilation=-1)
+    with pytest.raises(ValueError, match="near_band"):
+        HierarchicalVolumeDecoder(near_band="narrow")
+    with pytest.raises(ValueError, match="final_cells"):
+        HierarchicalVolumeDecoder(final_cells="sign")
+    with pytest.raises(ValueError, match="follow_passes"):
+        HierarchicalVolumeDecoder(follow_passes=-1)
     with pytest.raises(ValueError, match="method"):
         decode_mesh(Bumpy(), torch.zeros(1, 1, 1), 8, method="fastest")

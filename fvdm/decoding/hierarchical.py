@@ -7,7 +7,8 @@ divides the next, so grid point i of a level is grid point r*i of the next (r = 
 prime, is decoded densely in one level). Per refinement from level c to f = r*c, on the complete level-c grid:
 - FindIntersect: points whose side of the iso level (value > level) differs from a 6- (or 26-) neighbour's;
 - FindNear: points with |value - level| < eta (thin parts whose two faces fall between coarse points; needs a
-  field trained on truncated SDF), skipped at the final level (paper, appendix B);
+  field trained on truncated SDF), skipped at the final level (paper, appendix B). With ``near_band="cells"``
+  the threshold at level R is eta * R0 / R (R0 the coarsest level): the band keeps its width in cells;
 - Dilate: ``dilation`` steps of a 3x3x3 box dilation of those flags (separable ORs, the same as a 3-D
   convolution with an all-ones kernel and a > 0 test), 1 at intermediate levels, 0 at the final one;
 - Expand: every coarse cell with a flagged corner is refined: all (r+1)^3 level-f points of its closed block are
@@ -33,6 +34,9 @@ Choices, measured on exact SDFs of embedded-default shapes truncated at u = 0.05
 - ``min_resolution`` 48 (384 starts at 48; the reference starts at 96): every surface point is within
   sqrt(3)/2 coarse spacings of a grid point, so FindNear sees it when sqrt(3)/2 * 2.02 / R0 < eta * u, i.e.
   R0 >= 37 at u = 0.05; 48 saves 6-19% of the queries against 96. Raise it for fields with a narrower truncation.
+- ``near_band="cells"`` (not in the paper, off by default): the same argument holds at every level with that
+  level's spacing, so where the fixed eta is safe at R0, eta * R0 / R is as safe at level R. With the fixed eta
+  the band at 192 is about 9 cells wide at u = 0.05 and sets most of the final level's queries.
 """
 from __future__ import annotations
 
@@ -143,6 +147,11 @@ def cells_with_flagged_corner(flags: Tensor) -> Tensor:
         n = flags.shape[dim]
         flags = flags.narrow(dim, 0, n - 1) | flags.narrow(dim, 1, n - 1)
     return flags
+
+
+def cells_crossing(above: Tensor) -> Tensor:
+    """Point sides [B, n, n, n] -> cells [B, n-1, n-1, n-1] whose corners lie on both sides of the level."""
+    return cells_with_flagged_corner(above) & cells_with_flagged_corner(~above)
 
 
 def _upsample_side(above: Tensor, ratio: int, points: int) -> Tensor:
@@ -264,6 +273,57 @@ def surface_cells(refined: Tensor, block_values: Tensor, lookup: Callable[[Tenso
     return batch[cross], coords[cross], corners[cross]
 
 
+def _leaking(refined: Tensor, lookup: Callable[[Tensor, Tensor], Tensor], ratio: int, level: float) -> Tensor:
+    """Unrefined neighbours [S, 4] of refined cells whose block, read from the complete grid (queried values where
+    they share points with refined blocks, the fill elsewhere), crosses the level: the surface runs into them."""
+    offsets = _block(ratio, refined.device)[0]
+    shell = torch.nonzero(dilate(refined) & ~refined)  # [S, 4]
+    if not len(shell):
+        return shell
+    pts = (shell[:, None, 1:] * ratio + offsets).reshape(-1, 3)  # [S * (r+1)^3, 3]
+    values = lookup(pts, shell[:, 0].repeat_interleave(len(offsets))).view(len(shell), len(offsets))
+    return shell[_crosses(values, level)]
+
+
+@dataclass
+class _Blocks:
+    """Queries the level-``resolution`` points of refined coarse cells' blocks ((r+1)^3 points each)."""
+
+    ratio: int
+    resolution: int
+    box: Box
+    field_fn: FieldFn
+    batch_size: int
+    device: torch.device
+
+    def points(self, cells: Tensor) -> Tensor:
+        """Coarse cells [A, 4] (b, i, j, k) -> their blocks' level points [A, (r+1)^3, 3]."""
+        return cells[:, None, 1:] * self.ratio + _block(self.ratio, self.device)[0]
+
+    def query(self, cells: Tensor, known_keys: Tensor | None = None,
+              known_values: Tensor | None = None) -> tuple[Tensor, Tensor, list[int]]:
+        """Query the block points of ``cells`` [A, 4] not among ``known_keys``; returns all keys (sorted), their
+        values and the new queries per shape."""
+        n = self.resolution + 1
+        keys = torch.unique(_grid_key(self.points(cells), cells[:, :1], n))  # [Q] sorted, each point once
+        if known_keys is not None:
+            keys = keys[~torch.isin(keys, known_keys)]
+        batch, flat = keys // n**3, keys % n**3
+        fine = torch.stack([flat // (n * n), flat // n % n, flat % n], dim=1)  # [Q, 3]
+        counts = torch.bincount(batch, minlength=self.batch_size).tolist()
+        values = (self.field_fn(index_points(fine, self.resolution, self.box), counts, fine) if len(keys)
+                  else torch.empty(0, device=self.device))
+        if known_keys is None:
+            return keys, values, counts
+        keys, order = torch.cat([known_keys, keys]).sort()
+        return keys, torch.cat([known_values, values])[order], counts
+
+    def values_of(self, cells: Tensor, lookup: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """Block values [A, (r+1)^3] of cells [A, 4] from the complete grid."""
+        pts = self.points(cells)  # [A, (r+1)^3, 3]
+        return lookup(pts.reshape(-1, 3), cells[:, 0].repeat_interleave(pts.shape[1])).view(pts.shape[:2])
+
+
 # ----------------------------------------------------------------------------------------------- the decoder
 
 
@@ -281,6 +341,11 @@ class HierarchicalVolumeDecoder:
     dilation: int = 1  # dilation steps of the flags at intermediate levels
     final_dilation: int = 0  # ... at the final level
     final_near: bool = False  # FindNear also before the final level (paper: no)
+    near_band: str = "fixed"  # "fixed": |value - level| < eta at every level (paper); "cells": eta * R0 / R
+    # final level: "flagged" refines every coarse cell with a flagged corner (paper: expand twice), "crossing" only
+    # the cells that cross the level; then up to follow_passes times the unrefined neighbours the surface runs into
+    final_cells: str = "flagged"
+    follow_passes: int = 16
     neighbours: int = 6  # FindIntersect neighbourhood: 6 or 26
     query: PointQuery = field(default_factory=ExactQuery)
 
@@ -292,15 +357,29 @@ class HierarchicalVolumeDecoder:
             raise ValueError(f"HierarchicalVolumeDecoder.neighbours: 6 or 26, got {self.neighbours}")
         if self.eta is not None and not self.eta > 0:
             raise ValueError(f"HierarchicalVolumeDecoder.eta: must be > 0 or None, got {self.eta}")
+        if self.final_cells not in ("flagged", "crossing"):
+            raise ValueError(f"HierarchicalVolumeDecoder.final_cells: 'flagged' or 'crossing', got {self.final_cells!r}")
+        if self.follow_passes < 0:
+            raise ValueError(f"HierarchicalVolumeDecoder.follow_passes: must be >= 0, got {self.follow_passes}")
+        if self.near_band not in ("fixed", "cells"):
+            raise ValueError(f"HierarchicalVolumeDecoder.near_band: 'fixed' or 'cells', got {self.near_band!r}")
 
     def levels(self, resolution: int) -> list[int]:
         return cascade(resolution, self.min_resolution)
 
-    def refine(self, grid: Tensor, level: float, final: bool) -> Tensor:
-        """Complete level grid [B, n, n, n] -> the coarse cells [B, n-1, n-1, n-1] to refine (steps 5-7)."""
+    def near_threshold(self, resolution: int, coarsest: int) -> float:
+        """FindNear threshold at a level of ``resolution`` cells: eta, or eta * coarsest / resolution (``cells``)."""
+        return self.eta * coarsest / resolution if self.near_band == "cells" else self.eta
+
+    def refine(self, grid: Tensor, level: float, final: bool, coarsest: int | None = None) -> Tensor:
+        """Complete level grid [B, n, n, n] -> the coarse cells [B, n-1, n-1, n-1] to refine (steps 5-7).
+        ``coarsest``: the cascade's first resolution (default: this grid's), for ``near_band="cells"``."""
+        if final and self.final_cells == "crossing":
+            return dilate(cells_crossing(grid > level), self.final_dilation)
         flags = find_intersect(grid > level, self.neighbours)
         if self.eta is not None and (self.final_near or not final):
-            flags |= (grid - level).abs() < self.eta
+            r = grid.shape[1] - 1
+            flags |= (grid - level).abs() < self.near_threshold(r, coarsest or r)
         return cells_with_flagged_corner(dilate(flags, self.final_dilation if final else self.dilation))
 
     @torch.no_grad()
@@ -323,17 +402,10 @@ class HierarchicalVolumeDecoder:
         for f in levels[1:]:
             t0 = _clock(device)
             final, ratio, n = f == levels[-1], f // c, f + 1
-            refined = self.refine(grid, level, final)  # [B, c, c, c]
-            cells = torch.nonzero(refined)  # [A, 4] (b, i, j, k)
-            offsets = _block(ratio, device)[0]
-            pts = cells[:, None, 1:] * ratio + offsets  # [A, (r+1)^3, 3]: each refined cell's block
-            key = _grid_key(pts, cells[:, :1], n)
-            keys, inverse = torch.unique(key, return_inverse=True)  # [Q] sorted, each point once; [A, (r+1)^3]
-            batch, flat = keys // n**3, keys % n**3
-            fine = torch.stack([flat // (n * n), flat // n % n, flat % n], dim=1)  # [Q, 3]
-            counts = torch.bincount(batch, minlength=b).tolist()
-            values = field_fn(index_points(fine, f, box), counts, fine)  # [Q]
             above = grid > level
+            refined = self.refine(grid, level, final, levels[0])  # [B, c, c, c]
+            blocks = _Blocks(ratio, f, box, field_fn, b, device)
+            keys, values, counts = blocks.query(torch.nonzero(refined))
             if not final:
                 grid = torch.where(_upsample_side(above, ratio, n), level + 1.0, level - 1.0).float()
                 grid.view(-1)[keys] = values
@@ -344,7 +416,15 @@ class HierarchicalVolumeDecoder:
             def lookup(ijk_: Tensor, batch_: Tensor) -> Tensor:  # the complete level-f grid
                 return _lookup(keys, values, _fill(above, ratio, level, ijk_, batch_), _grid_key(ijk_, batch_, n))
 
-            cell_batch, coords, corners = surface_cells(refined, values[inverse], lookup, ratio, level)
+            for _ in range(self.follow_passes):  # refine the unrefined neighbours that the surface runs into
+                leak = _leaking(refined, lookup, ratio, level)
+                if not len(leak):
+                    break
+                refined[tuple(leak.T)] = True
+                keys, values, more = blocks.query(leak, keys, values)
+                counts = [x + y for x, y in zip(counts, more)]
+            cell_batch, coords, corners = surface_cells(refined, blocks.values_of(torch.nonzero(refined), lookup),
+                                                        lookup, ratio, level)
             stats.append(LevelStats(f, counts, _clock(device) - t0))
             return SparseField(keys, values, above, ratio, float(level), cell_batch, coords, corners,
                                queries=[sum(q) for q in zip(*[s.queries for s in stats])], resolution=f,
