@@ -42,15 +42,11 @@ from fvdm.data.sampling import SampleCounts
 from fvdm.data.synth import run_synth
 from fvdm.decoding.dense import DenseVolumeDecoder
 from fvdm.decoding.grid import DEFAULT_BOUNDS, sample_field
-from fvdm.decoding.hierarchical import ExactQuery, HierarchicalVolumeDecoder
+from fvdm.decoding.hierarchical import NARROW_CASCADE, ExactQuery, HierarchicalVolumeDecoder
 from fvdm.decoding.kv_selection import AdaptiveKVQuery, KVSelection, attention_flops
 from fvdm.decoding.mesh import decode_mesh, marching_cubes_torch
 from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.models.vae import flops_per_query
-
-# fvdm's cascade beyond the paper (rows 5 and 6): FindNear's band narrowed with the level, final level refined at
-# the cells that cross the level only (the surface is followed from there)
-NARROW_CASCADE = dict(near_band="cells", final_cells="crossing")
 from fvdm.stages.checkpoints import load_pretrained_vae, save_vae_checkpoint
 
 

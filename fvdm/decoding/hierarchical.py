@@ -52,6 +52,10 @@ from fvdm.decoding.mc_tables import CORNER_OFFSETS
 
 DEFAULT_MIN_RESOLUTION = 48
 DEFAULT_CHUNK = 1 << 18  # query points per call, for the exact query
+# fvdm's cascade beyond the paper (the fast path's default): FindNear's band narrowed with the level, the final
+# level refined at the cells that cross the level only and the surface followed from there. On a trained base VAE
+# at 384^3 (H100): 3.1 M instead of 4.8 M queries, 66 instead of 88 ms, the same grid V-IoU / S-IoU
+NARROW_CASCADE = dict(near_band="cells", final_cells="crossing")
 
 FieldFn = Callable[..., Tensor]  # (points [N, 3], counts per shape, cells [N, 3] | None) -> values [N] float32
 

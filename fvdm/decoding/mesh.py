@@ -6,8 +6,9 @@ near the surface only), then a surface extractor takes the ``level`` set and map
 (normals point towards positive values) and a closed mesh has positive volume.
 
 ``method`` picks the stack: ``"dense"`` (every grid point; scikit-image marching cubes on the CPU, the reference),
-``"hierarchical"`` (FlashVDM algorithm 1, exact attention, torch marching cubes on the sparse surface cells),
-``"flash"`` (hierarchical + adaptive KV selection, the fast stack) and ``"auto"`` (flash on CUDA, dense on the CPU).
+``"hierarchical"`` (FlashVDM algorithm 1 with fvdm's narrow cascade, ``NARROW_CASCADE``; exact attention, torch
+marching cubes on the sparse surface cells), ``"flash"`` (hierarchical + adaptive KV selection, the fast stack) and
+``"auto"`` (flash on CUDA, dense on the CPU). The paper's cascade is ``HierarchicalVolumeDecoder()``'s default.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from fvdm.decoding import marching_cubes as torch_mc
 from fvdm.decoding.dense import DenseVolumeDecoder
 from fvdm.decoding.grid import (DEFAULT_BOUNDS, Bounds, Box, DecodedField, VolumeDecoder, as_box, index_points,
                                index_to_world)
-from fvdm.decoding.hierarchical import ExactQuery, HierarchicalVolumeDecoder, SparseField
+from fvdm.decoding.hierarchical import NARROW_CASCADE, ExactQuery, HierarchicalVolumeDecoder, SparseField
 from fvdm.decoding.kv_selection import AdaptiveKVQuery, KVSelection
 
 METHODS = ("auto", "dense", "hierarchical", "flash")
@@ -161,10 +162,11 @@ def extract_auto(decoded: DecodedField | SparseField, level: float = 0.0) -> lis
 
 
 def fast_decoder(selection: KVSelection | None = KVSelection(), **settings) -> HierarchicalVolumeDecoder:
-    """The fast stack's volume decoder: hierarchical decoding with adaptive KV selection (``selection=None``: exact
-    attention). ``settings`` are :class:`HierarchicalVolumeDecoder` fields (min_resolution, eta, ...)."""
+    """The fast stack's volume decoder: hierarchical decoding with fvdm's narrow cascade and adaptive KV selection
+    (``selection=None``: exact attention). ``settings`` are :class:`HierarchicalVolumeDecoder` fields
+    (min_resolution, eta, near_band, final_cells, ...; ``near_band="fixed", final_cells="flagged"``: the paper's)."""
     query = ExactQuery() if selection is None else AdaptiveKVQuery(selection)
-    return HierarchicalVolumeDecoder(query=query, **settings)
+    return HierarchicalVolumeDecoder(query=query, **{**NARROW_CASCADE, **settings})
 
 
 def volume_decoder(method: str, vae, device: torch.device) -> VolumeDecoder:
