@@ -149,6 +149,9 @@ def test_callback_in_a_lightning_run_logs_to_mlflow(tmp_path):
                for key in ("v_iou", "s_iou", "v_iou_baseline", "s_iou_baseline", "chamfer", "fscore", "decode_ms",
                            "queries")}
     assert [m.step for m in history["v_iou"]] == [2, 4, 5]  # every 2 steps and at the end of training
+    # after fit, callback_metrics hold the end-of-training evaluation (step 5), not the last periodic one (step 4)
+    final, periodic = history["decode_ms"][-1].value, history["decode_ms"][-2].value
+    assert float(trainer.callback_metrics["val/decode_ms"]) == pytest.approx(final, rel=1e-6) and final != periodic
     assert all(m.value == 1.0 for m in history["v_iou"] + history["s_iou"])
     assert all(m.value < 1.0 for m in history["v_iou_baseline"] + history["s_iou_baseline"])
     assert all(m.value == 41 ** 3 for m in history["queries"]) and all(m.value > 0 for m in history["decode_ms"])

@@ -222,8 +222,9 @@ class ReconstructionEval(Callback):
                 pl_module.log(name, value, on_step=True, on_epoch=False, logger=False)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.global_step != self._last_step:
-            self._evaluate(trainer, pl_module)
+        if trainer.global_step != self._last_step:  # self.log is closed here: set callback_metrics directly, so that
+            results = self._evaluate(trainer, pl_module)  # readers after fit see the final model, not the last period
+            trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in results.items()})
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         step = self._last_step = trainer.global_step
