@@ -21,8 +21,8 @@ Only the levels before the last are held as dense grids (at most (R/2+1)^3 value
 sorted flat indices of the queried points, their values, and the list of fine cells that cross the level, each
 with its 8 corner values, which :func:`~fvdm.decoding.marching_cubes.sparse_marching_cubes` meshes directly. The
 cells are those of the refined blocks plus, where a refined block's queried boundary disagrees with the fill of
-an unrefined neighbour (a part the coarse level missed), that neighbour's cells with fill values for their
-unqueried corners. So the mesh is the marching-cubes mesh of the complete filled grid: closed, and identical to
+an unrefined neighbour (a part the coarse level missed), that neighbour's: surface following refines and queries
+it (``follow_passes`` rounds), and one still left after them joins with fill values for its unqueried corners. So the mesh is the marching-cubes mesh of the complete filled grid: closed, and identical to
 the dense mesh wherever the refined blocks cover the dense field's surface cells.
 
 Choices, measured on exact SDFs of embedded-default shapes truncated at u = 0.05 (fvdm's training value):
@@ -251,42 +251,31 @@ def _crosses(values: Tensor, level: float) -> Tensor:
     return above.any(1) & ~above.all(1)
 
 
-def surface_cells(refined: Tensor, block_values: Tensor, lookup: Callable[[Tensor, Tensor], Tensor], ratio: int,
-                  level: float) -> tuple[Tensor, Tensor, Tensor]:
-    """The fine cells that cross the level -> (batch [M], coords [M, 3], corner values [M, 8]).
-
-    ``refined`` [B, c, c, c]: the refined coarse cells, whose (r+1)^3 block values (in ``nonzero`` order) are
-    ``block_values`` [A, (r+1)^3]; ``lookup(ijk, batch)`` reads the complete fine grid anywhere. Unrefined
-    neighbours of refined cells join when their block crosses the level (queried boundary against the fill).
-    """
-    offsets, sub, corner_index = _block(ratio, refined.device)
-    cells = [torch.nonzero(refined)]  # [A, 4] (b, i, j, k)
-    values = [block_values]
-    shell = torch.nonzero(dilate(refined) & ~refined)  # [S, 4]
-    if len(shell):
-        pts = (shell[:, None, 1:] * ratio + offsets).reshape(-1, 3)  # [S * (r+1)^3, 3]
-        shell_values = lookup(pts, shell[:, 0].repeat_interleave(len(offsets))).view(len(shell), -1)
-        leak = _crosses(shell_values, level)
-        cells.append(shell[leak])
-        values.append(shell_values[leak])
-    cells_, values_ = torch.cat(cells), torch.cat(values)
-    corners = values_[:, corner_index].reshape(-1, 8)  # [A' * r^3, 8]
-    coords = (cells_[:, None, 1:] * ratio + sub).reshape(-1, 3)
-    batch = cells_[:, 0].repeat_interleave(len(sub))
-    cross = _crosses(corners, level)
-    return batch[cross], coords[cross], corners[cross]
-
-
-def _leaking(refined: Tensor, lookup: Callable[[Tensor, Tensor], Tensor], ratio: int, level: float) -> Tensor:
-    """Unrefined neighbours [S, 4] of refined cells whose block, read from the complete grid (queried values where
-    they share points with refined blocks, the fill elsewhere), crosses the level: the surface runs into them."""
+def leaking_cells(refined: Tensor, lookup: Callable[[Tensor, Tensor], Tensor], ratio: int,
+                  level: float) -> tuple[Tensor, Tensor]:
+    """Unrefined neighbours of refined cells whose block, read from the complete grid (queried values where they
+    share points with refined blocks, the fill elsewhere), crosses the level, i.e. the surface runs into them:
+    (cells [S, 4] (b, i, j, k), their block values [S, (r+1)^3])."""
     offsets = _block(ratio, refined.device)[0]
     shell = torch.nonzero(dilate(refined) & ~refined)  # [S, 4]
-    if not len(shell):
-        return shell
     pts = (shell[:, None, 1:] * ratio + offsets).reshape(-1, 3)  # [S * (r+1)^3, 3]
     values = lookup(pts, shell[:, 0].repeat_interleave(len(offsets))).view(len(shell), len(offsets))
-    return shell[_crosses(values, level)]
+    cross = _crosses(values, level)
+    return shell[cross], values[cross]
+
+
+def surface_cells(cells: Tensor, block_values: Tensor, ratio: int, level: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The fine cells that cross the level -> (batch [M], coords [M, 3], corner values [M, 8]).
+
+    ``cells`` [A, 4]: coarse cells (b, i, j, k), the refined ones and their leaking neighbours, whose (r+1)^3
+    block values are ``block_values`` [A, (r+1)^3] (queried, or the fill where a neighbour was not queried).
+    """
+    _, sub, corner_index = _block(ratio, cells.device)
+    corners = block_values[:, corner_index].reshape(-1, 8)  # [A * r^3, 8]
+    coords = (cells[:, None, 1:] * ratio + sub).reshape(-1, 3)
+    batch = cells[:, 0].repeat_interleave(len(sub))
+    cross = _crosses(corners, level)
+    return batch[cross], coords[cross], corners[cross]
 
 
 @dataclass
@@ -417,18 +406,20 @@ class HierarchicalVolumeDecoder:
                 stats.append(LevelStats(f, counts, _clock(device) - t0))
                 continue
 
-            def lookup(ijk_: Tensor, batch_: Tensor) -> Tensor:  # the complete level-f grid
+            def lookup(ijk_: Tensor, batch_: Tensor) -> Tensor:  # the complete level-f grid (current keys/values)
                 return _lookup(keys, values, _fill(above, ratio, level, ijk_, batch_), _grid_key(ijk_, batch_, n))
 
-            for _ in range(self.follow_passes):  # refine the unrefined neighbours that the surface runs into
-                leak = _leaking(refined, lookup, ratio, level)
-                if not len(leak):
+            leaks, leak_values = leaking_cells(refined, lookup, ratio, level)
+            for _ in range(self.follow_passes):  # surface following: refine the neighbours the surface runs into
+                if not len(leaks):
                     break
-                refined[tuple(leak.T)] = True
-                keys, values, more = blocks.query(leak, keys, values)
+                refined[tuple(leaks.T)] = True
+                keys, values, more = blocks.query(leaks, keys, values)
                 counts = [x + y for x, y in zip(counts, more)]
-            cell_batch, coords, corners = surface_cells(refined, blocks.values_of(torch.nonzero(refined), lookup),
-                                                        lookup, ratio, level)
+                leaks, leak_values = leaking_cells(refined, lookup, ratio, level)
+            cells = torch.nonzero(refined)  # [A, 4]; leaks left after the last pass take fill values
+            cell_batch, coords, corners = surface_cells(torch.cat([cells, leaks]), torch.cat(
+                [blocks.values_of(cells, lookup), leak_values]), ratio, level)
             stats.append(LevelStats(f, counts, _clock(device) - t0))
             return SparseField(keys, values, above, ratio, float(level), cell_batch, coords, corners,
                                queries=[sum(q) for q in zip(*[s.queries for s in stats])], resolution=f,
