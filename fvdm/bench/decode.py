@@ -2,12 +2,13 @@
 
 Rows, each adding one technique: ``dense`` (every grid point), ``+ hierarchical`` (algorithm 1), ``+ efficient
 decoder`` (the decoder_ft student), ``+ adaptive KV selection`` (algorithm 2), then fvdm's ``+ narrow cascade``
-(``near_band="cells"``, ``final_cells="crossing"``), and the narrow cascade with exact attention. Columns: V-IoU and S-IoU of the
-decoded field (trilinear at held-out volume / near-surface SDF samples, against the ground truth), milliseconds per
-shape from latents to mesh (median of synchronized repeats after a warm-up, torch marching cubes in every row),
-queries and attention FLOPs per shape, and the time per stage (trunk decode, each cascade level, surface
-extraction). bf16 on CUDA (see ``--weights``). Beside the table, ``held_out``: the eval callback's V-IoU / S-IoU
-of each model over every held-out shape at its point samples (issue 10's decoder bar: efficient within 1 point).
+(``fast_decoder``: ``near_band="cells"``, ``final_cells="crossing"``) and the narrow cascade with exact attention.
+Columns: V-IoU and S-IoU of the decoded field (trilinear at held-out volume / near-surface SDF samples, against
+the ground truth), milliseconds per shape from latents to mesh (median of synchronized repeats after a warm-up,
+torch marching cubes in every row), queries and attention FLOPs per shape, and the time per stage (trunk decode,
+each cascade level, surface extraction). bf16 on CUDA (see ``--weights``). Beside the table, ``held_out``: the
+eval callback's V-IoU / S-IoU of each model over every held-out shape at its point samples (issue 10's decoder
+bar: efficient within 1 point).
 
 Models: ``--vae`` and ``--efficient-vae`` checkpoints, or ``--hunyuan3d`` (a released VAE folder with an encoder)
 and optionally ``--hunyuan3d-efficient`` (e.g. the turbo VAE, which decodes the same latents), or
@@ -42,9 +43,9 @@ from fvdm.data.sampling import SampleCounts
 from fvdm.data.synth import run_synth
 from fvdm.decoding.dense import DenseVolumeDecoder
 from fvdm.decoding.grid import DEFAULT_BOUNDS, sample_field
-from fvdm.decoding.hierarchical import NARROW_CASCADE, ExactQuery, HierarchicalVolumeDecoder
+from fvdm.decoding.hierarchical import ExactQuery, HierarchicalVolumeDecoder
 from fvdm.decoding.kv_selection import AdaptiveKVQuery, KVSelection, attention_flops
-from fvdm.decoding.mesh import decode_mesh, marching_cubes_torch
+from fvdm.decoding.mesh import decode_mesh, fast_decoder, marching_cubes_torch
 from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.models.vae import flops_per_query
 from fvdm.stages.checkpoints import load_pretrained_vae, save_vae_checkpoint
@@ -271,16 +272,13 @@ def main(argv: list[str]) -> dict:
     selection = KVSelection(topk=a.topk, group_size=a.group_size, samples=a.kv_samples, mode=a.kv_mode)
     hierarchical = HierarchicalVolumeDecoder(min_resolution=a.min_resolution, query=ExactQuery())
     flash = HierarchicalVolumeDecoder(min_resolution=a.min_resolution, query=AdaptiveKVQuery(selection))
-    narrow = dict(min_resolution=a.min_resolution, **NARROW_CASCADE)
     student = efficient or standard
     rows = [("dense", standard, DenseVolumeDecoder(), None),
             ("+ hierarchical", standard, hierarchical, None),
             ("+ efficient decoder", student, hierarchical, None),
             ("+ adaptive KV selection", student, flash, selection),
-            ("+ narrow cascade", student, HierarchicalVolumeDecoder(query=AdaptiveKVQuery(selection), **narrow),
-             selection),
-            ("narrow cascade, exact attention", student, HierarchicalVolumeDecoder(query=ExactQuery(), **narrow),
-             None)]
+            ("+ narrow cascade", student, fast_decoder(selection, min_resolution=a.min_resolution), selection),
+            ("narrow cascade, exact attention", student, fast_decoder(None, min_resolution=a.min_resolution), None)]
     if efficient is None:
         print("no efficient VAE given: rows 3 and 4 use the standard decoder")
         rows = [rows[0], rows[1], ("+ adaptive KV selection", standard, flash, selection), *rows[4:]]

@@ -22,8 +22,9 @@ sorted flat indices of the queried points, their values, and the list of fine ce
 with its 8 corner values, which :func:`~fvdm.decoding.marching_cubes.sparse_marching_cubes` meshes directly. The
 cells are those of the refined blocks plus, where a refined block's queried boundary disagrees with the fill of
 an unrefined neighbour (a part the coarse level missed), that neighbour's: surface following refines and queries
-it (``follow_passes`` rounds), and one still left after them joins with fill values for its unqueried corners. So the mesh is the marching-cubes mesh of the complete filled grid: closed, and identical to
-the dense mesh wherever the refined blocks cover the dense field's surface cells.
+it (``follow_passes`` rounds), and one still left after them joins with fill values for its unqueried corners.
+So the mesh is the marching-cubes mesh of the complete filled grid: closed, and identical to the dense mesh
+wherever the refined blocks cover the dense field's surface cells.
 
 Choices, measured on exact SDFs of embedded-default shapes truncated at u = 0.05 (fvdm's training value):
 - Final level without FindNear (paper; the reference code keeps it): FindNear there doubles the queries at 384
@@ -351,7 +352,8 @@ class HierarchicalVolumeDecoder:
         if self.eta is not None and not self.eta > 0:
             raise ValueError(f"HierarchicalVolumeDecoder.eta: must be > 0 or None, got {self.eta}")
         if self.final_cells not in ("flagged", "crossing"):
-            raise ValueError(f"HierarchicalVolumeDecoder.final_cells: 'flagged' or 'crossing', got {self.final_cells!r}")
+            raise ValueError("HierarchicalVolumeDecoder.final_cells: 'flagged' or 'crossing', got "
+                             f"{self.final_cells!r}")
         if self.follow_passes < 0:
             raise ValueError(f"HierarchicalVolumeDecoder.follow_passes: must be >= 0, got {self.follow_passes}")
         if self.near_band not in ("fixed", "cells"):
