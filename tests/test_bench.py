@@ -7,12 +7,12 @@ from fvdm.cli import main
 from fvdm.stages.checkpoints import load_pretrained_vae
 
 
-def test_bench_vae_and_decode_records(tmp_path):
+def test_bench_vae_and_decode_records(tmp_path, capsys):
     results = tmp_path / "results.json"
     common = ["--preset", "tiny", "--workers", "1", "--batch-size", "2", "--num-points", "256",
               "--results", str(results)]
     assert main(["bench", "vae", "--minutes", "0.1", "--steps", "3", "--shapes", "6", "--num-surface", "448",
-                 "--num-sharp", "64",
+                 "--num-sharp", "64", "--curve-every", "1",
                  "--resolution", "24", "--data", str(tmp_path / "vae-data"), "--run-root", str(tmp_path / "runs"),
                  *common]) == 0
     assert main(["bench", "decode", "--train-minutes", "0.05", "--resolution", "48", "--train-shapes", "6",
@@ -25,6 +25,9 @@ def test_bench_vae_and_decode_records(tmp_path):
                  *common]) == 0
     vae, decode, decode_from_vae = json.loads(results.read_text())
     assert vae["bench"] == "vae" and vae["figures"]["steps"] >= 1
+    # one curve line per step, with the interval's mean/max loss and gradient norm
+    curve = [line for line in capsys.readouterr().out.splitlines() if line.startswith("curve step")]
+    assert len(curve) == vae["figures"]["steps"] and all(" grad_norm " in c and " loss " in c for c in curve)
     # a sharp-edge pool: the encoder's input is 448 uniform rows, then 64 edge rows (the third run decoded them)
     assert vae["figures"]["num_sharp"] == 64
     pools = load_pretrained_vae(tmp_path / "runs" / "bench-vae-tiny.ckpt").cfg

@@ -6,6 +6,7 @@ import time
 from typing import Any, Optional, Sequence
 
 import lightning as L
+import torch
 from lightning.pytorch import Callback
 
 from fvdm.config import EXPERIMENTS, load_config
@@ -49,27 +50,46 @@ class WallClockCosine(Callback):
 
 
 class CurvePrinter(Callback):
-    """Prints the step, the seconds since the start of training, the loss and the ``val/*`` figures every
-    ``every_n_steps`` (the stage's own evaluation, set to the same interval, fills ``val/*``)."""
+    """Prints, every ``every_n_steps``: the step, the seconds since the start of training, the learning rate, the
+    mean and largest training loss and gradient norm (before clipping) over the interval, and the ``val/*``
+    figures of the stage's last evaluation. The interval's largest values show a loss spike that one sampled loss
+    would miss; they stay on the device between prints (no sync per step)."""
 
     def __init__(self, every_n_steps: int):
         self.every_n_steps = every_n_steps
         self.start: Optional[float] = None
-        self.printed = -1
+        self.sums: dict[str, torch.Tensor] = {}
+        self.peaks: dict[str, torch.Tensor] = {}
+        self.count = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.monotonic()
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def _track(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.peaks[name] = torch.maximum(self.peaks[name], value) if name in self.peaks else value
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self._track("grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._track("loss", loss)
+            self.count += 1
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or step == self.printed:
+        if step % self.every_n_steps or not self.count:
             return
-        self.printed = step
-        figures = {k: float(v) for k, v in trainer.callback_metrics.items() if k == "loss" or k.startswith("val/")}
+        stats = " ".join(f"{k} {self.sums[k] / self.count:.4f}/{self.peaks[k]:.4f}" for k in sorted(self.sums))
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
-        print(f"curve step {step} t {time.monotonic() - (self.start or 0):.0f}s lr {lr:.2e} "
-              + " ".join(f"{k} {v:.4f}" for k, v in sorted(figures.items())), flush=True)
+        print(f"curve step {step} t {time.monotonic() - (self.start or 0):.0f}s lr {lr:.2e} (mean/max) {stats}"
+              + "".join(f" {k} {v:.4f}" for k, v in sorted(val.items())), flush=True)
+        self.sums, self.peaks, self.count = {}, {}, 0
 
 
 def fit_capped(stage: str, stage_cls: type, overrides: Sequence[str], callbacks: Sequence[Callback] = (),
