@@ -242,13 +242,14 @@ def test_surface_following_recovers_what_the_coarse_levels_missed():
 def test_batch_with_empty_and_all_inside_shapes(analytic):
     decoder = HierarchicalVolumeDecoder(min_resolution=16)
     with pytest.warns(EmptyMeshWarning) as caught:
-        meshes = decode_mesh(analytic, latents(-1, 0, -2), 64, decoder=decoder)
+        meshes = decode_mesh(analytic, latents(-1, 0, -2, 1), 64, decoder=decoder)
     messages = sorted(str(w.message) for w in caught)
     assert "shape 0" in messages[0] and "outside" in messages[0]
     assert "shape 2" in messages[1] and "inside" in messages[1]
-    assert meshes[0].is_empty and meshes[2].is_empty and not meshes[1].is_empty
-    (alone,) = decode_mesh(analytic, latents(0), 64, decoder=decoder)
-    assert np.array_equal(np.sort(alone.vertices, axis=0), np.sort(meshes[1].vertices, axis=0))
+    assert meshes[0].is_empty and meshes[2].is_empty and not meshes[1].is_empty and not meshes[3].is_empty
+    for i, shape in ((1, 0), (3, 1)):  # each shape's cells, split from the batch, give its mesh alone
+        (alone,) = decode_mesh(analytic, latents(shape), 64, decoder=decoder)
+        assert np.array_equal(alone.vertices, meshes[i].vertices) and np.array_equal(alone.faces, meshes[i].faces)
     assert meshes[0].stats.queries == meshes[2].stats.queries == 17**3  # nothing refined
     with pytest.warns(EmptyMeshWarning):  # a batch with no surface at all
         assert all(m.is_empty for m in decode_mesh(analytic, latents(-1, -2), 64, decoder=decoder))

@@ -239,6 +239,14 @@ class SparseField:
         pick = self.cell_batch == b
         return self.cell_coords[pick], self.corner_values[pick]
 
+    def cells_by_shape(self, counts: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """Every shape's surface cells, as ``cells_of`` gives them, from ``counts`` (the cells per shape, known on
+        the host): one stable sort by shape instead of a mask and a host sync per shape."""
+        if self.batch_size == 1:
+            return [(self.cell_coords, self.corner_values)]
+        order = torch.sort(self.cell_batch, stable=True).indices
+        return list(zip(self.cell_coords[order].split(counts), self.corner_values[order].split(counts)))
+
 
 def _fill(coarse_above: Tensor, ratio: int, level: float, ijk: Tensor, batch: Tensor) -> Tensor:
     """Fill values [P] (level +- 1 by the coarser level's side) at fine grid points ijk [P, 3]."""

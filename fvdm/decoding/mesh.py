@@ -137,20 +137,20 @@ def marching_cubes_torch(decoded: DecodedField | SparseField, level: float = 0.0
                 meshes.append(_to_mesh(*torch_mc.marching_cubes(volume.float(), level), decoded.resolution,
                                        decoded.box))
         return meshes
-    n3 = (decoded.resolution + 1) ** 3
-    bad = torch.bincount(decoded.keys[~torch.isfinite(decoded.values)] // n3, minlength=decoded.batch_size)
-    cells = torch.bincount(decoded.cell_batch, minlength=decoded.batch_size)
+    b, n3 = decoded.batch_size, (decoded.resolution + 1) ** 3
+    bad = torch.bincount(decoded.keys // n3, weights=(~torch.isfinite(decoded.values)).float(), minlength=b)
+    cells = torch.bincount(decoded.cell_batch, minlength=b)
     inside = ~decoded.coarse_above.flatten(1).any(1)
-    bad, cells, inside = bad.tolist(), cells.tolist(), inside.tolist()  # one sync each
+    bad, cells, inside = torch.stack([bad > 0, cells, inside]).tolist()  # one sync
     meshes = []
-    for i in range(decoded.batch_size):
+    for i, (coords, corners) in enumerate(decoded.cells_by_shape(cells)):
         if bad[i]:
             meshes.append(_warn_empty(i, level, None))
         elif cells[i] == 0:
             meshes.append(_warn_empty(i, level, "inside" if inside[i] else "outside"))
         else:
-            meshes.append(_to_mesh(*torch_mc.sparse_marching_cubes(*decoded.cells_of(i), level),
-                                   decoded.resolution, decoded.box))
+            meshes.append(_to_mesh(*torch_mc.sparse_marching_cubes(coords, corners, level), decoded.resolution,
+                                   decoded.box))
     return meshes
 
 
