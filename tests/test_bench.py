@@ -28,6 +28,7 @@ def test_bench_vae_and_decode_records(tmp_path, capsys):
     # one curve line per step, with the interval's mean/max loss and gradient norm
     curve = [line for line in capsys.readouterr().out.splitlines() if line.startswith("curve step")]
     assert len(curve) == vae["figures"]["steps"] and all(" grad_norm " in c and " loss " in c for c in curve)
+    assert float(curve[0].split(" lr ")[1].split()[0]) < 2e-4 / 100  # the step's rate: 1/200 of the way up the warm-up
     # a sharp-edge pool: the encoder's input is 448 uniform rows, then 64 edge rows (the third run decoded them)
     assert vae["figures"]["num_sharp"] == 64
     pools = load_pretrained_vae(tmp_path / "runs" / "bench-vae-tiny.ckpt").cfg

@@ -76,12 +76,13 @@ def test_resume_continues_same_run(vae_run, synth_data):
 
 
 def test_decoder_finetune_freezes_encoder(vae_run, synth_data, tmp_path):
+    """Compiled (``compile=true``, as on a GPU): the checkpoint keeps the eager layout and the encoder its bits."""
     from fvdm.models.vae import flops_per_query
 
     teacher_ckpt = vae_run / "vae" / "checkpoints" / "best.ckpt"  # kept by trainer.monitor=val/v_iou
     teacher = load_pretrained_vae(teacher_ckpt)
     assert main(["train", *args(synth_data, tmp_path, "decoder_ft", f"init_from={vae_run / 'vae'}:best",
-                                "trainer.max_steps=3", "eval.every_n_steps=100")]) == 0
+                                "trainer.max_steps=3", "eval.every_n_steps=100", "compile=true")]) == 0
     student = load_pretrained_vae(tmp_path / "decoder_ft" / "checkpoints" / "last.ckpt")
     t, s = teacher.state_dict(), student.state_dict()
     frozen = [k for k in t if k.startswith(("encoder.", "pre_kl."))]

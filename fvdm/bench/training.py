@@ -50,7 +50,8 @@ class WallClockCosine(Callback):
 
 
 class CurvePrinter(Callback):
-    """Prints, every ``every_n_steps``: the step, the seconds since the start of training, the learning rate, the
+    """Prints, every ``every_n_steps``: the step, the seconds since the start of training, the learning rate of the
+    last optimizer step (a ``WallClockCosine`` sets it before the step, the stage's scheduler resets it after), the
     mean and largest training loss and gradient norm (before clipping) over the interval, and the ``val/*``
     figures of the stage's last evaluation. The interval's largest values show a loss spike that one sampled loss
     would miss; they stay on the device between prints (no sync per step)."""
@@ -61,6 +62,7 @@ class CurvePrinter(Callback):
         self.sums: dict[str, torch.Tensor] = {}
         self.peaks: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.lr = float("nan")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.monotonic()
@@ -71,6 +73,7 @@ class CurvePrinter(Callback):
         self.peaks[name] = torch.maximum(self.peaks[name], value) if name in self.peaks else value
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.lr = optimizer.param_groups[0]["lr"]
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
             self._track("grad_norm", torch.nn.utils.get_total_norm(grads))
@@ -86,8 +89,7 @@ class CurvePrinter(Callback):
             return
         stats = " ".join(f"{k} {self.sums[k] / self.count:.4f}/{self.peaks[k]:.4f}" for k in sorted(self.sums))
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
-        print(f"curve step {step} t {time.monotonic() - (self.start or 0):.0f}s lr {lr:.2e} (mean/max) {stats}"
+        print(f"curve step {step} t {time.monotonic() - (self.start or 0):.0f}s lr {self.lr:.2e} (mean/max) {stats}"
               + "".join(f" {k} {v:.4f}" for k, v in sorted(val.items())), flush=True)
         self.sums, self.peaks, self.count = {}, {}, 0
 

@@ -48,8 +48,6 @@ class _Tables(NamedTuple):
     edge_axis: Tensor  # [12] long
     triangles: Tensor  # [256, 15] int8, -1 padded
     corner_bit: Tensor  # [8] long: corner c sets bit c of the case index
-    cut_edges: Tensor  # [256, 12] bool: the edges of each case's triangles (its cut edges)
-    cut_rank: Tensor  # [256 * 12] long: at c * 12 + e, the number of cut edges of case c below e
 
 
 @functools.lru_cache(maxsize=8)
@@ -61,12 +59,8 @@ def _tables(device: torch.device) -> _Tables:
         return torch.tensor(data, dtype=torch.long, device=device)
 
     lower, upper = zip(*mc_tables.EDGE_CORNERS)
-    triangles = mc_tables.triangle_table()
-    cut = [[e in row for e in range(12)] for row in triangles]  # [256][12]
-    rank = [[sum(row[:e]) for e in range(12)] for row in cut]
     return _Tables(as_long(mc_tables.CORNER_OFFSETS), as_long(lower), as_long(upper), as_long(mc_tables.EDGE_AXIS),
-                   torch.tensor(triangles, dtype=torch.int8, device=device), as_long(range(8)),
-                   torch.tensor(cut, dtype=torch.bool, device=device), as_long(rank).view(-1))
+                   torch.tensor(mc_tables.triangle_table(), dtype=torch.int8, device=device), as_long(range(8)))
 
 
 def _empty_mesh(device: torch.device) -> tuple[Tensor, Tensor]:
@@ -150,52 +144,37 @@ def _triangulate(cells: Tensor, case: Tensor, values: Tensor, level: float, allo
                  tables: _Tables) -> tuple[Tensor, Tensor]:
     """Cells [M, 3], their cases [M] and corner values [M, 8] -> an indexed mesh (the shared kernel).
 
-    A vertex per cut grid edge: each cell's cut edges (E pairs, about 2 per face: a third fewer than the 3 F
-    triangle corners) are keyed by their grid edge (lower point, axis) and ``torch.unique`` merges the pairs of
-    neighbouring cells; a triangle corner finds its pair by the edge's rank among its cell's cut edges. The keys
-    are int32 whenever the cells' box allows (any R <= 800), which halves the radix sort that dominates.
-    Host syncs, which dominate on a GPU at this size (the kernels take about 1.4 ms of the 2-2.5 ms per million faces
-    on an H100): the sizes, ``unique`` and one final check.
+    Host syncs, which dominate on a GPU at this size: ``nonzero``, ``unique`` and one final check.
     """
     device = cells.device
-    cut = tables.cut_edges.index_select(0, case)  # [M, 12]
-    corner = tables.triangles.index_select(0, case).reshape(-1)  # [M * 15] edge of each triangle corner, or -1
-    is_corner = corner >= 0
-    origin = cells.min(0).values
-    span = cells.max(0).values - origin + 2  # grid points per axis of the box spanned by the cells
-    num_pairs, num_corners, num_points = torch.stack([cut.sum(), is_corner.sum(), span.prod()]).tolist()  # one sync
-    if num_pairs == 0:
+    tri_width = tables.triangles.shape[1]
+    tri = tables.triangles.index_select(0, case).reshape(-1)  # [M * 15]
+    slot = torch.nonzero(tri >= 0).squeeze(1)  # [N], N = 3 F, in order so that triangles stay together
+    if slot.numel() == 0:
         return _empty_mesh(device)
-    # [E] cell * 12 + edge, each cell's cut edges in edge order (nonzero_static: the size is known, no sync)
-    pair = torch.nonzero_static(cut.view(-1), size=num_pairs).squeeze(1)
-    cell_of, edge = pair // 12, pair % 12
-    lower, upper, axis = tables.edge_lower[edge], tables.edge_upper[edge], tables.edge_axis[edge]  # [E] each
+    edge = tri[slot].long()
+    cell_of = slot // tri_width
+    lower, upper, axis = tables.edge_lower[edge], tables.edge_upper[edge], tables.edge_axis[edge]  # [N] each
     values = values.reshape(-1)  # [M * 8]
     v0, v1 = values[cell_of * 8 + lower], values[cell_of * 8 + upper]
 
     # Linear index of a grid point in the box spanned by the cells; an edge is (lower point, axis).
+    origin = cells.min(0).values
+    span = cells.max(0).values - origin + 2  # points per axis
     stride = torch.stack([span[1] * span[2], span[2], torch.ones_like(span[2])])  # [3]
-    point = ((cells - origin) * stride).sum(1)[cell_of] + (tables.corner_offsets * stride).sum(1)[lower]  # [E]
+    point = ((cells - origin) * stride).sum(1)[cell_of] + (tables.corner_offsets * stride).sum(1)[lower]  # [N]
     key = point * 3 + axis
-    t = (level - v0) / (v1 - v0)  # [E] in [0, 1]: one end is above the level, the other is not
+    t = (level - v0) / (v1 - v0)  # [N] in [0, 1]: one end is above the level, the other is not
     if not allow_degenerate:  # a vertex within _SNAP of a grid point becomes that point's vertex
         at_lower, at_upper = t < _SNAP, t > 1 - _SNAP
         point_key = 3 * span.prod() + point  # past every edge key
         key = torch.where(at_lower, point_key, torch.where(at_upper, point_key + stride[axis], key))
         t = t.masked_fill(at_lower, 0.0).masked_fill_(at_upper, 1.0)
-    narrow = 4 * num_points < 2**31  # every key (below 4 points) fits in int32
-    keys, inverse = torch.unique(key.int() if narrow else key, return_inverse=True)
-    first = torch.empty(len(keys), dtype=torch.long, device=device).scatter_(
-        0, inverse, torch.arange(key.numel(), device=device))  # [V] a pair of each vertex
+    keys, inverse = torch.unique(key, return_inverse=True)
+    first = torch.empty_like(keys).scatter_(0, inverse, torch.arange(key.numel(), device=device))  # [V]
     p0 = cells.index_select(0, cell_of[first]) + tables.corner_offsets.index_select(0, lower[first])  # [V, 3]
     vertices = p0.float().scatter_add_(1, axis[first, None], t[first, None])
-
-    slot = torch.nonzero_static(is_corner, size=num_corners).squeeze(1)  # [3 F] in order: triangles stay together
-    tri_cell = slot // tables.triangles.shape[1]
-    cut_count = cut.sum(1)
-    first_pair = cut_count.cumsum(0) - cut_count  # [M] index of each cell's first pair
-    rank = tables.cut_rank[case[tri_cell] * 12 + corner[slot].long()]  # the edge's rank among its cell's cut edges
-    faces = inverse[first_pair[tri_cell] + rank].view(-1, 3)  # [F, 3]
+    faces = inverse.view(-1, 3)  # [F, 3]
     finite = torch.isfinite(v0).all() & torch.isfinite(v1).all()
     keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
     is_finite, no_degenerate = torch.stack([finite, allow_degenerate | keep.all()]).tolist()  # one sync
@@ -204,7 +183,7 @@ def _triangulate(cells: Tensor, case: Tensor, values: Tensor, level: float, allo
     if not no_degenerate:
         used, faces = torch.unique(faces[keep], return_inverse=True)
         vertices = vertices[used]
-    return vertices, faces.long()
+    return vertices, faces
 
 
 def cells_from_points(indices: Tensor, values: Tensor, resolution: int) -> tuple[Tensor, Tensor]:

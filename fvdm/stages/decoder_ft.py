@@ -15,7 +15,7 @@ from fvdm.config import ConfigError, RunConfig
 from fvdm.models.vae import VecSetVAE
 from fvdm.stages.base import OptimConfig, freeze
 from fvdm.stages.checkpoints import load_pretrained_vae
-from fvdm.stages.vae import EvalConfig, TSDFLossConfig, VAEStage
+from fvdm.stages.vae import EvalConfig, TSDFLossConfig, VAEStage, compile_vae
 
 
 @dataclass
@@ -36,6 +36,7 @@ class DecoderFinetuneConfig(RunConfig):
     loss: TSDFLossConfig = field(default_factory=TSDFLossConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, schedule="constant"))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compile: bool = False  # as in the vae stage: torch.compile the encoder, trunk blocks and new geo decoder
 
 
 class DecoderFinetune(VAEStage):
@@ -56,6 +57,8 @@ class DecoderFinetune(VAEStage):
         assert not unexpected and all(k.startswith("geo_decoder.") for k in missing), (missing, unexpected)
         freeze(self.vae.encoder)
         freeze(self.vae.pre_kl)
+        if cfg.compile:
+            compile_vae(self.vae)
 
     def train(self, mode: bool = True) -> "DecoderFinetune":
         super().train(mode)
