@@ -380,11 +380,16 @@ def test_discriminator_heads_train_and_the_backbone_does_not(synth_data, guidanc
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
 
 
-def test_adversarial_stage_steps_both_networks_and_chains(synth_data, guidance_ckpt, tmp_path):
+def test_adversarial_stage_steps_both_networks_and_chains(synth_data, guidance_ckpt, tmp_path, monkeypatch):
+    from fvdm.models.dit import FlowDiT
+
     run_root = tmp_path / "runs"
     assert main(["train", *args(synth_data, run_root, "consistency", f"init_from={guidance_ckpt}",
                                 "grid.phases=1", "trainer.max_steps=1", "trainer.val_every_n_steps=100")]) == 0
     phase1 = run_root / "consistency" / "checkpoints" / "last.ckpt"
+    backbone_runs = []
+    features = FlowDiT.features
+    monkeypatch.setattr(FlowDiT, "features", lambda dit, *a, **k: backbone_runs.append(1) or features(dit, *a, **k))
     assert main(["train", *args(synth_data, run_root, "adversarial", f"init_from={phase1}", "trainer.max_steps=4",
                                 "trainer.val_every_n_steps=4", "eval.student_steps=[1]", "eval.steps=2",
                                 "discriminator.groups=8")]) == 0
@@ -392,6 +397,7 @@ def test_adversarial_stage_steps_both_networks_and_chains(synth_data, guidance_c
     history = {name: [m.value for m in client.get_metric_history(run.info.run_id, name)]
                for name in ("train/loss_d", "train/loss_adv", "train/loss_cf")}
     assert all(len(v) == 4 for v in history.values())  # 4 batches, each a heads step then a generator step
+    assert len(backbone_runs) == 2 * 4  # the discriminator's backbone: clean latents, the generator's sample
     assert len(set(history["train/loss_d"])) > 1
     assert "val/student_1step_iou_vs_teacher2" in run.data.metrics
     assert main(["train", *args(synth_data, run_root, "adversarial", f"init_from={phase1}", "trainer.max_steps=6",

@@ -59,11 +59,19 @@ class LatentDiscriminator(nn.Module):
         width = backbone.cfg.hidden_size
         self.heads = nn.ModuleList(TokenHead(width, cfg.groups, cfg.negative_slope) for _ in cfg.layers)
 
-    def forward(self, latents: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
-        """Per-token logits [B, taps * N] of every head for DiT-space latents [B, N, C] under condition tokens
-        [B, L, D]; hinge losses average over all of them (as PCM does over heads and positions)."""
+    def features(self, latents: torch.Tensor, cond: torch.Tensor, guidance: float) -> list[torch.Tensor]:
+        """The backbone's latent-token features [B, N, W] at every tap for DiT-space latents [B, N, C] under
+        condition tokens [B, L, D]; gradients reach ``latents``, never the backbone."""
         b = latents.shape[0]
         t = torch.full((b,), self.cfg.backbone_time, device=latents.device)
         w = torch.full((b,), guidance, device=latents.device) if self.backbone.cfg.guidance_embed else None
-        features = self.backbone.features(latents, t, cond, self.cfg.layers, guidance=w)
-        return torch.cat([head(f.float()) for head, f in zip(self.heads, features)], dim=1)  # [B, taps * N]
+        return self.backbone.features(latents, t, cond, self.cfg.layers, guidance=w)
+
+    def score(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Per-token logits [B, taps * N] of every head on its tap's features; hinge losses average over all of
+        them (as PCM does over heads and positions)."""
+        return torch.cat([head(f.float()) for head, f in zip(self.heads, features)], dim=1)
+
+    def forward(self, latents: torch.Tensor, cond: torch.Tensor, guidance: float) -> torch.Tensor:
+        """D(latents): ``score(features(...))``, logits [B, taps * N]."""
+        return self.score(self.features(latents, cond, guidance))

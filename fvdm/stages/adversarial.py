@@ -79,11 +79,11 @@ class AdversarialFinetune(ConsistencyDistillation):
         self.d_optimizer, self.d_scheduler = d["optimizer"], d["lr_scheduler"]["scheduler"]
         self.restored_d_state: dict[str, Any] | None = None
 
-    def discriminator_step(self, real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """One AdamW step of the heads on the hinge loss of clean latents ``real`` against detached ``fake``."""
-        w = self.cfg.guidance
+    def discriminator_step(self, real: list[torch.Tensor], fake: list[torch.Tensor]) -> torch.Tensor:
+        """One AdamW step of the heads on the hinge loss of the backbone features of clean latents ``real`` against
+        those of the generator's sample ``fake`` (both without a graph into the backbone)."""
         self.d_optimizer.zero_grad(set_to_none=True)
-        loss_d = discriminator_loss(self.discriminator(real, cond, w), self.discriminator(fake, cond, w))
+        loss_d = discriminator_loss(self.discriminator.score(real), self.discriminator.score(fake))
         loss_d.backward()
         params = list(self.discriminator.parameters())
         average_gradients(params)
@@ -95,13 +95,19 @@ class AdversarialFinetune(ConsistencyDistillation):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Heads step, then the generator loss (consistency + adv_weight x adversarial) is returned for the
-        stage's optimizer; the heads take no gradient from it."""
+        stage's optimizer; the heads take no gradient from it. The frozen backbone runs twice a step: on the
+        clean latents (no graph) and once on the generator's sample, whose features serve the heads' step
+        (detached) and then, through the updated heads, the generator's term."""
         x1 = self.clean_latents(batch)
         cond = self.condition(batch)
         loss_cf, fake = self.consistency_loss(x1, cond)
-        loss_d = self.discriminator_step(x1, fake.detach(), cond)
+        w = self.cfg.guidance
+        with torch.no_grad():
+            real_features = self.discriminator.features(x1, cond, w)
+        fake_features = self.discriminator.features(fake, cond, w)
+        loss_d = self.discriminator_step(real_features, [f.detach() for f in fake_features])
         self.discriminator.requires_grad_(False)
-        loss_adv = generator_loss(self.discriminator(fake, cond, self.cfg.guidance), self.cfg.generator_loss)
+        loss_adv = generator_loss(self.discriminator.score(fake_features), self.cfg.generator_loss)
         self.discriminator.requires_grad_(True)
         loss = loss_cf + self.cfg.adv_weight * loss_adv
         b = x1.shape[0]
