@@ -62,6 +62,11 @@ class SlurmRequeue(Callback):
     def receive(self, signum: int, frame: Any) -> None:
         self.received = True
 
+    @property
+    def requeued(self) -> bool:
+        """This attempt has saved its HPC checkpoint and ends for the requeue (callbacks skip end-of-run work)."""
+        return self.saved
+
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         if self.saved or not trainer.strategy.reduce_boolean_decision(self.received, all=False):
             return

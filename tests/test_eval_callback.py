@@ -169,3 +169,35 @@ def test_callback_in_a_lightning_run_logs_to_mlflow(tmp_path):
     mesh = trimesh.load(local)
     assert mesh.volume > 0
     assert np.allclose(mesh.bounds[0], Boxes().samples[1]["surface"][:, :3].amin(0).numpy(), atol=1e-5)
+
+
+def test_no_end_of_training_evaluation_when_a_requeue_ends_the_attempt(tmp_path, monkeypatch):
+    """SIGUSR1 at step 3: SlurmRequeue saves and ends the attempt, and the callback skips its end-of-training
+    evaluation (the job is about to be killed). ``scontrol`` is recorded here, not run: test_slurm runs it for real."""
+    import os
+    import signal
+
+    import fvdm.train
+
+    class Signal(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    calls = []
+    monkeypatch.setattr(fvdm.train.subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    logger = MLFlowLogger(experiment_name="eval-test", tracking_uri="sqlite:///" + str(tmp_path / "mlflow.db"),
+                          artifact_location=(tmp_path / "artifacts").as_uri())
+    callbacks = [Signal(), fvdm.train.SlurmRequeue(signal.SIGUSR1),
+                 ReconstructionEval(every_n_steps=2, resolution=24, num_mesh_shapes=0, max_batches=1)]
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=logger, callbacks=callbacks, log_every_n_steps=50,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(Tiny(), datamodule=Boxes())
+    assert trainer.global_step == 3 and (tmp_path / "hpc_ckpt_1.ckpt").is_file()
+    assert calls == [["scontrol", "requeue", "42"]]
+    history = MlflowClient(tracking_uri="sqlite:///" + str(tmp_path / "mlflow.db")).get_metric_history(
+        logger.run_id, "val/v_iou")
+    assert [m.step for m in history] == [2]  # the periodic evaluation only, none at step 3

@@ -201,7 +201,7 @@ def evaluate(vae, dataloader: Iterable[dict[str, Any]], out_dir: str | Path | No
 
 class ReconstructionEval(Callback):
     """Evaluates ``pl_module.vae`` on ``trainer.datamodule.val_dataloader()`` every ``every_n_steps`` optimizer
-    steps and when training ends; logs ``{prefix}/v_iou`` etc. to every logger and, for MLflow, the meshes
+    steps and when training ends (not when a SLURM requeue ends the attempt); logs ``{prefix}/v_iou`` etc. to every logger and, for MLflow, the meshes
     and preview as artifacts under ``reconstructions/step_NNNNNNN``."""
 
     def __init__(self, every_n_steps: int = 1000, resolution: int = 128, num_mesh_shapes: int = 4,
@@ -222,6 +222,8 @@ class ReconstructionEval(Callback):
                 pl_module.log(name, value, on_step=True, on_epoch=False, logger=False)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if any(getattr(callback, "requeued", False) for callback in trainer.callbacks):
+            return  # a SLURM requeue ends this attempt (``SlurmRequeue``): the job is about to be killed
         if trainer.global_step != self._last_step:  # self.log is closed here: set callback_metrics directly, so that
             results = self._evaluate(trainer, pl_module)  # readers after fit see the final model, not the last period
             trainer.callback_metrics.update({k: torch.tensor(float(v)) for k, v in results.items()})
