@@ -61,7 +61,7 @@ class CurvePrinter(Callback):
         self.start: Optional[float] = None
         self.sums: dict[str, torch.Tensor] = {}
         self.peaks: dict[str, torch.Tensor] = {}
-        self.count = 0
+        self.counts: dict[str, int] = {}
         self.lr = float("nan")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -71,6 +71,7 @@ class CurvePrinter(Callback):
         value = value.detach().float()
         self.sums[name] = self.sums[name] + value if name in self.sums else value
         self.peaks[name] = torch.maximum(self.peaks[name], value) if name in self.peaks else value
+        self.counts[name] = self.counts.get(name, 0) + 1
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         self.lr = optimizer.param_groups[0]["lr"]
@@ -83,15 +84,14 @@ class CurvePrinter(Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
             self._track("loss", loss)
-            self.count += 1
         step = trainer.global_step
-        if step % self.every_n_steps or not self.count:
+        if step % self.every_n_steps or not self.counts:
             return
-        stats = " ".join(f"{k} {self.sums[k] / self.count:.4f}/{self.peaks[k]:.4f}" for k in sorted(self.sums))
+        stats = " ".join(f"{k} {self.sums[k] / self.counts[k]:.4f}/{self.peaks[k]:.4f}" for k in sorted(self.sums))
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         print(f"curve step {step} t {time.monotonic() - (self.start or 0):.0f}s lr {self.lr:.2e} (mean/max) {stats}"
               + "".join(f" {k} {v:.4f}" for k, v in sorted(val.items())), flush=True)
-        self.sums, self.peaks, self.count = {}, {}, 0
+        self.sums, self.peaks, self.counts = {}, {}, {}
 
 
 def fit_capped(stage: str, stage_cls: type, overrides: Sequence[str], callbacks: Sequence[Callback] = (),

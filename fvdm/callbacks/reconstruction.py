@@ -201,8 +201,8 @@ def evaluate(vae, dataloader: Iterable[dict[str, Any]], out_dir: str | Path | No
 
 class ReconstructionEval(Callback):
     """Evaluates ``pl_module.vae`` on ``trainer.datamodule.val_dataloader()`` every ``every_n_steps`` optimizer
-    steps and when training ends (not when a SLURM requeue ends the attempt); logs ``{prefix}/v_iou`` etc. to every logger and, for MLflow, the meshes
-    and preview as artifacts under ``reconstructions/step_NNNNNNN``."""
+    steps and when training ends (not when a SLURM requeue ends the attempt); logs ``{prefix}/v_iou`` etc. to
+    every logger and, for MLflow, the meshes and preview as artifacts under ``reconstructions/step_NNNNNNN``."""
 
     def __init__(self, every_n_steps: int = 1000, resolution: int = 128, num_mesh_shapes: int = 4,
                  max_batches: int | None = 8, fscore_threshold: float = 0.02, out_dir: str | Path | None = None,
