@@ -203,3 +203,23 @@ def test_compiled_query_pieces_compute_the_same():
             torch.testing.assert_close(vae.query(tokens, p), exact, rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(query_with_kv_selection(vae, tokens, p, sel), selected, rtol=1e-4, atol=1e-5)
     assert set(vae.state_dict()) == keys
+
+
+def test_posterior_logvar_init_sets_the_initial_posterior_std():
+    """posterior_logvar_init starts the sampled latents near their means (std ~ exp(value / 2)); the default
+    init leaves them mostly noise (std ~ 1). A VAE without an encoder has no posterior to initialize."""
+    from fvdm.config import load_config
+    from fvdm.stages.vae import VAEStage, VAEStageConfig, init_posterior_logvar
+
+    surface = torch.randn(2, 256, 7)
+    cfg = load_config(VAEStageConfig, overrides=["data.train=unused", "data.val=unused", "vae.num_latents=32",
+                                                 "vae.pc_size=256", "posterior_logvar_init=-4"])
+    with torch.no_grad():
+        shifted = VAEStage(cfg).vae.encode_posterior(surface)
+        default = VAEStage(load_config(VAEStageConfig, overrides=["data.train=unused", "data.val=unused",
+                                                                  "vae.num_latents=32", "vae.pc_size=256"])
+                           ).vae.encode_posterior(surface)
+    assert abs(shifted.logvar.mean().item() + 4.0) < 0.3 and shifted.std.mean().item() < 0.2
+    assert abs(default.logvar.mean().item()) < 0.3 and default.std.mean().item() > 0.8
+    with pytest.raises(ValueError, match="no encoder"):
+        init_posterior_logvar(VecSetVAE(VAEConfig(num_latents=32, with_encoder=False)), -4.0)

@@ -63,6 +63,9 @@ class VAEStageConfig(RunConfig):
     # H100, base preset, batch 16: 90 -> 50 ms a step (LayerNorms and dtype casts over the 20480 encoder points
     # and the query points were a third of the eager step); about a minute of compilation at the start.
     compile: bool = False
+    # Initial log-variance of the posterior (None: PyTorch's default init, log-variance ~0, so the sampled latents
+    # start as mostly noise); see init_posterior_logvar.
+    posterior_logvar_init: Optional[float] = None
 
 
 def tsdf(sdf: torch.Tensor, truncation: float) -> torch.Tensor:
@@ -85,6 +88,19 @@ def reconstruction_loss(pred: torch.Tensor, sdf: torch.Tensor, c: TSDFLossConfig
     return loss
 
 
+def init_posterior_logvar(vae: VecSetVAE, value: float) -> None:
+    """Start the posterior's log-variance near ``value``: fill the bias of ``pre_kl``'s log-variance half.
+
+    With the default init the log-variance is ~0 (std ~1) while the means have variance ~1/3, so the sampled
+    latents carry little of the shape and the decoder first learns to ignore them (the all-outside field);
+    a small initial std lets the shape through from the first step, and the KL term still pulls it back.
+    """
+    if vae.pre_kl is None:
+        raise ValueError("posterior_logvar_init: this VAE has no encoder (no posterior to initialize)")
+    with torch.no_grad():
+        vae.pre_kl.bias[vae.cfg.embed_dim:].fill_(value)  # moments = [mean (C), logvar (C)]
+
+
 def compile_vae(vae: VecSetVAE) -> VecSetVAE:
     """Compile, in place, what a training step runs: the encoder, each trunk block and ``GeoDecoder.forward``
     (``nn.Module.compile``: parameters and state_dict keys stay where they are). ``query`` goes through
@@ -105,6 +121,8 @@ class VAEStage(Stage):
     def __init__(self, cfg: VAEStageConfig):
         super().__init__(cfg)
         self.vae = VecSetVAE(cfg.vae)
+        if cfg.posterior_logvar_init is not None:
+            init_posterior_logvar(self.vae, cfg.posterior_logvar_init)
         if cfg.compile:
             compile_vae(self.vae)
 
