@@ -43,6 +43,12 @@ def test_bench_vae_and_decode_records(tmp_path, capsys):
     assert not (tmp_path / "runs2" / "bench-decode-vae.ckpt").exists()
     for key in ("v_iou", "s_iou", "v_iou_baseline", "s_iou_baseline", "decode_ms"):
         assert key in vae["figures"], key
+    # without --num-sharp the pools still follow the rows streamed: --num-surface uniform rows, no edge pool
+    assert main(["bench", "vae", "--minutes", "0.1", "--steps", "1", "--shapes", "6", "--num-surface", "320",
+                 "--resolution", "16", "--data", str(tmp_path / "vae-data"), "--run-root", str(tmp_path / "runs3"),
+                 *common]) == 0
+    pools = load_pretrained_vae(tmp_path / "runs3" / "bench-vae-tiny.ckpt").cfg
+    assert (pools.pc_size, pools.pc_sharpedge_size) == (320, 0)
     rows = {r["row"]: r for r in decode["figures"]["rows"]}
     assert list(rows) == ["dense", "+ hierarchical", "+ efficient decoder", "+ adaptive KV selection",
                           "+ narrow cascade", "narrow cascade, exact attention"]

@@ -37,9 +37,11 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--data", default="bench-data/vae")
     p.add_argument("--run-root", default="bench-runs")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--num-surface", type=int, default=20480)
+    p.add_argument("--num-surface", type=int, default=20480,
+                   help="the encoder's uniform pool (vae.pc_size), whatever the preset says")
     p.add_argument("--num-sharp", type=int, default=0,
-                   help="sharp-edge pool: encoder input = --num-surface uniform rows + this many edge rows (0: none)")
+                   help="sharp-edge pool (vae.pc_sharpedge_size): encoder input = --num-surface uniform rows + this "
+                        "many edge rows (0: none)")
     p.add_argument("--num-points", type=int, default=4096, help="volume and near-surface points per shape")
     # batch 32 at lr 4e-4 / 1e-3 (5.5-minute cosine, two runs sharing the H100): V-IoU on 16 held-out shapes 0.18 /
     # 0.23 after 1,500 steps, down to 0.06 / 0.05 on the way; batch 16 at 2e-4: 0.74 at 3,000 steps, 0.92 at 6,000
@@ -66,7 +68,8 @@ def main(argv: list[str]) -> dict:
     # stored counts cover base's pools (20,480 uniform, up to 4,096 edge rows), so runs with either share one data set
     counts = SampleCounts(surface=max(a.num_surface, 20480), sharp=max(a.num_sharp, 4096), vol=32768, near=32768,
                           renders=0)
-    pools = [f"vae.pc_size={a.num_surface}", f"vae.pc_sharpedge_size={a.num_sharp}"] if a.num_sharp else []
+    # the pools follow the rows streamed: large's preset pools (30,720 + 30,720) would not match them
+    pools = [f"vae.pc_size={a.num_surface}", f"vae.pc_sharpedge_size={a.num_sharp}"]
     run_synth(a.data, num=a.shapes, seed=0, val_fraction=0.1, counts=counts, workers=a.workers, shard_size=64)
     synth_s = time.perf_counter() - t0
 
