@@ -134,3 +134,15 @@ def test_bench_guidance_records_teacher_and_students(tmp_path):
     assert {"synth", "vae", "decoder_ft", "cache_latents", "flow"} <= set(figures["stage_minutes"])
     assert (tmp_path / "root" / "runs" / "flow" / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "root" / "runs" / "mlflow.db").exists()  # --no-tracking
+
+
+def test_record_names_the_commit_from_fvdm_commit(tmp_path, monkeypatch):
+    """A copied tree's git metadata can lag its files: FVDM_COMMIT, when set, is the commit recorded."""
+    from fvdm.bench.results import git_commit, record
+
+    monkeypatch.delenv("FVDM_COMMIT", raising=False)
+    from_git = git_commit()
+    monkeypatch.setenv("FVDM_COMMIT", "abc1234+tree")
+    entry = record("probe", {"x": 1}, path=tmp_path / "r.json")
+    assert entry["commit"] == "abc1234+tree" != from_git
+    assert json.loads((tmp_path / "r.json").read_text())[0]["commit"] == "abc1234+tree"

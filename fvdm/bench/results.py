@@ -30,11 +30,14 @@ def device_name() -> str:
 
 
 def git_commit() -> str:
+    """``FVDM_COMMIT`` when set (a copied tree's git metadata can lag its files), else git's short HEAD."""
+    if os.environ.get("FVDM_COMMIT"):
+        return os.environ["FVDM_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FVDM_COMMIT", "unknown")
+        return "unknown"
 
 
 def record(bench: str, figures: dict[str, Any], path: str | Path = DEFAULT_PATH, **context: Any) -> dict[str, Any]:
