@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from fvdm.bench.results import git_commit, record
 from fvdm.cli import main
 from fvdm.stages.checkpoints import load_pretrained_vae
 
@@ -138,8 +139,6 @@ def test_bench_guidance_records_teacher_and_students(tmp_path):
 
 def test_record_names_the_commit_from_fvdm_commit(tmp_path, monkeypatch):
     """A copied tree's git metadata can lag its files: FVDM_COMMIT, when set, is the commit recorded."""
-    from fvdm.bench.results import git_commit, record
-
     monkeypatch.delenv("FVDM_COMMIT", raising=False)
     from_git = git_commit()
     monkeypatch.setenv("FVDM_COMMIT", "abc1234+tree")
