@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import time
 
 import igl
 import numpy as np
 import pytest
 
+from fvdm.data.progress import progress
 from fvdm.data.sampling import SampleCounts
 from fvdm.data.sdf import (Box, Capsule, Cylinder, Difference, HalfSpace, Intersection, RoundBox, Shape, Shell,
                            Sphere, Torus, Transform, Union, evaluate, gradient, shape_from_dict)
@@ -223,6 +225,14 @@ def test_run_synth_writes_resumable_train_and_val_shards(tmp_path, capsys):
     assert written_keys(out / "val") == {"synth-000003"}
     with pytest.raises(ValueError, match="synth.json.*different settings.*seed"):
         run_synth(out, num=4, seed=3, counts=TINY)
+
+
+def test_progress_in_a_log_file_writes_few_updates(capsys):
+    """stderr not a terminal (pytest captures it, as a SLURM log would): a 0.8 s loop writes the bar's first and
+    last states, where tqdm's default rate of ten a second would write about eight more."""
+    assert list(progress((time.sleep(0.01) or i for i in range(80)), 80, "synth", "shape")) == list(range(80))
+    err = capsys.readouterr().err
+    assert err.count("\r") <= 3 and "80/80" in err, err
 
 
 def test_sparse_grid_equals_dense_near_the_surface():

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from fvdm.data.mesh import (MESH_EXTENSIONS, MeshError, MeshSDF, load_mesh, normalize, sample_sharp_edges,
                             sample_surface, watertight_remesh)
+from fvdm.data.progress import progress
 from fvdm.data.render import render_views
 from fvdm.data.sampling import SampleCounts, sdf_samples
 from fvdm.data.shards import ShapeSample, ShardWriter, written_keys
@@ -214,7 +214,7 @@ def run_prepare(meshes: str | list[str], out: str | Path, counts: SampleCounts =
     with open(out / FAILURES, "w") as log, ShardWriter(out, max_count=shard_size) as writer:
         for path, reason in report.failed:
             log.write(json.dumps({"file": path, "reason": reason}) + "\n")
-        for job, sample, reason in tqdm(results, total=len(jobs), desc="prepare", unit="mesh"):
+        for job, sample, reason in progress(results, len(jobs), "prepare", "mesh"):
             if sample is not None:
                 writer.write(sample)
                 report.succeeded += 1

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import trimesh
 from skimage.measure import marching_cubes
-from tqdm import tqdm
 
+from fvdm.data.progress import progress
 from fvdm.data.render import render_views
 from fvdm.data.sampling import SampleCounts, sdf_samples
 from fvdm.data.sdf import (Box, Capsule, Cylinder, Difference, HalfSpace, Intersection, RoundBox, Shape, Shell,
@@ -382,7 +382,7 @@ def run_synth(out: str | Path, num: int, seed: int = 0, val_fraction: float = 0.
     try:
         with multiprocessing.Pool(workers) if workers > 1 else contextlib.nullcontext() as pool:
             samples = pool.imap(_job, jobs) if pool else map(_job, jobs)  # in index order either way
-            for sample in tqdm(samples, total=len(jobs), desc="synth", unit="shape"):
+            for sample in progress(samples, len(jobs), "synth", "shape"):
                 writers["val" if sample.meta["index"] >= n_train else "train"].write(sample)
     finally:
         for w in writers.values():
