@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fvdm.bench.results import git_commit, record
+from fvdm.bench.training import WallClockCosine
 from fvdm.cli import main
 from fvdm.stages.checkpoints import load_pretrained_vae
 
@@ -29,7 +32,7 @@ def test_bench_vae_and_decode_records(tmp_path, capsys):
     # one curve line per step, with the interval's mean/max loss and gradient norm
     curve = [line for line in capsys.readouterr().out.splitlines() if line.startswith("curve step")]
     assert len(curve) == vae["figures"]["steps"] and all(" grad_norm " in c and " loss " in c for c in curve)
-    assert float(curve[0].split(" lr ")[1].split()[0]) < 2e-4 / 100  # the step's rate: 1/200 of the way up the warm-up
+    assert float(curve[0].split(" lr ")[1].split()[0]) == pytest.approx(3e-4 / 1000, rel=0.01)  # warm-up step 1/1,000
     # a sharp-edge pool: the encoder's input is 448 uniform rows, then 64 edge rows (the third run decoded them)
     assert vae["figures"]["num_sharp"] == 64
     pools = load_pretrained_vae(tmp_path / "runs" / "bench-vae-tiny.ckpt").cfg
@@ -39,6 +42,8 @@ def test_bench_vae_and_decode_records(tmp_path, capsys):
     assert held["standard"]["shapes"] == held["efficient"]["shapes"] >= 1
     assert held["v_iou_drop_points"] == round(100 * (held["standard"]["v_iou"] - held["efficient"]["v_iou"]), 2)
     assert decode_from_vae["figures"]["compiled"] and not decode["figures"]["compiled"]
+    assert decode["figures"]["vae_schedule"] == {"lr": 2e-4, "warmup": 1000}  # trained here; the other loaded it
+    assert decode_from_vae["figures"]["vae_schedule"] is None
     assert decode_from_vae["figures"]["efficient"]["geo_mlp_ratio"] == 1  # the decoder_ft student
     assert (tmp_path / "runs2" / "bench-decode-decoder_ft.ckpt").is_file()
     assert not (tmp_path / "runs2" / "bench-decode-vae.ckpt").exists()
@@ -56,6 +61,14 @@ def test_bench_vae_and_decode_records(tmp_path, capsys):
     assert rows["+ hierarchical"]["queries"] <= rows["dense"]["queries"]
     assert rows["narrow cascade, exact attention"]["queries"] <= rows["+ efficient decoder"]["queries"]
     assert rows["+ adaptive KV selection"]["attention_gflops"] < rows["+ efficient decoder"]["attention_gflops"]
+
+
+def test_wall_clock_cosine_warms_up_by_step_and_decays_by_time():
+    schedule = WallClockCosine(seconds=100, warmup_steps=4, min_lr_ratio=0.1)
+    assert [schedule.multiplier(step, 0) for step in range(6)] == [0.25, 0.5, 0.75, 1, 1, 1]
+    assert schedule.multiplier(10, 50) == pytest.approx(0.55)  # half the cap: halfway from 1 to 0.1
+    assert schedule.multiplier(10, 100) == schedule.multiplier(10, 500) == pytest.approx(0.1)  # the cap and after
+    assert schedule.multiplier(1, 100) == pytest.approx(0.05)  # a warm-up longer than the run scales the floor
 
 
 def test_quickstart_summary_table():

@@ -64,7 +64,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     train.add_argument("--preset", default="large")
     train.add_argument("--train-shapes", type=int, default=1000, help="shapes generated (10%% held out)")
     train.add_argument("--batch-size", type=int, default=16)
-    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--lr", type=float, default=2e-4, help="the VAE's peak learning rate")
+    # a long warm-up is what let base train at all in short runs (fvdm bench vae); large is deeper and wider
+    train.add_argument("--warmup", type=int, default=1000,
+                       help="the VAE's linear warm-up steps, then a cosine over the --train-minutes wall clock")
     train.add_argument("--num-points", type=int, default=4096, help="volume and near-surface points per step")
     train.add_argument("--run-root", default="bench-runs")
     train.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
@@ -108,7 +111,7 @@ def train_models(a: argparse.Namespace):
     """A ``preset`` VAE (stage vae; skipped when ``--vae`` gives one), then its efficient decoder (stage
     decoder_ft from that checkpoint)."""
     from fvdm.models.vae import vae_preset
-    from fvdm.bench.training import fit_capped, time_cap
+    from fvdm.bench.training import WallClockCosine, fit_capped, time_cap
     from fvdm.stages.decoder_ft import DecoderFinetune
     from fvdm.stages.vae import VAEStage
 
@@ -129,11 +132,13 @@ def train_models(a: argparse.Namespace):
               f"trainer.precision={'bf16-mixed' if a.precision == 'bf16' else '32-true'}",
               "trainer.checkpoint_every_n_steps=1000000", "trainer.log_every_n_steps=50",
               "eval.every_n_steps=1000000", "eval.max_batches=1", "eval.num_mesh_shapes=1", "eval.resolution=64"]
-    stages = [("decoder_ft", DecoderFinetune, [f"init_from={init}"])]
-    if not a.vae:
-        stages.insert(0, ("vae", VAEStage, [f"vae_preset={a.preset}", f"optim.lr={a.lr}", "optim.warmup_steps=200"]))
-    for stage, module_cls, extra in stages:
-        module, trainer = fit_capped(stage, module_cls, [*common, f"name=bench-decode-{stage}", *extra, *a.overrides])
+    stages = [("decoder_ft", DecoderFinetune, [f"init_from={init}"], [])]
+    if not a.vae:  # the stage's scheduler flat: WallClockCosine sets warm-up and cosine, ending with the time cap
+        stages.insert(0, ("vae", VAEStage, [f"vae_preset={a.preset}", f"optim.lr={a.lr}", "optim.schedule=constant",
+                                            "optim.warmup_steps=0"], [WallClockCosine(a.train_minutes * 60, a.warmup)]))
+    for stage, module_cls, extra, callbacks in stages:
+        module, trainer = fit_capped(stage, module_cls, [*common, f"name=bench-decode-{stage}", *extra, *a.overrides],
+                                     callbacks=callbacks)
         save_vae_checkpoint(module.vae, Path(a.run_root) / f"bench-decode-{stage}.ckpt")
         models.append(module.vae.to(device))  # fit() hands the model back on the CPU
         steps.append(trainer.global_step)
@@ -302,6 +307,8 @@ def main(argv: list[str]) -> dict:
                "standard": describe(standard), "efficient": describe(efficient) if efficient else None,
                "source": ("trained" if a.train_minutes is not None else a.vae or a.hunyuan3d),
                "train_minutes": a.train_minutes, "train_steps": steps, "setup_s": round(setup_s, 1),
+               "vae_schedule": ({"lr": a.lr, "warmup": a.warmup} if a.train_minutes is not None and not a.vae
+                                else None),
                "held_out": held_out}
     entry = record("decode", figures, path=a.results)
     print(f"recorded to {a.results}")
