@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bench", help="benchmarks writing to benchmarks/results.json")
-    p.add_argument("what", choices=["data", "vae", "decode", "query", "quickstart", "fewstep", "guidance", "deepspeed"])
+    p.add_argument("what", choices=["data", "vae", "decode", "query", "quickstart", "fewstep", "guidance",
+                                    "sensitivity", "deepspeed"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 

@@ -149,6 +149,18 @@ def test_bench_guidance_records_teacher_and_students(tmp_path):
     assert (tmp_path / "root" / "runs" / "flow" / "checkpoints" / "last.ckpt").is_file()
     assert not (tmp_path / "root" / "runs" / "mlflow.db").exists()  # --no-tracking
 
+    # the same teacher's sensitivity: w = 5 is the reference itself, exactly; every other variant is an IoU
+    teacher, shards = tmp_path / "root" / "runs" / "flow" / "checkpoints" / "last.ckpt", tmp_path / "root" / "data"
+    assert main(["bench", "sensitivity", "--checkpoint", str(teacher), "--data", str(shards / "train"),
+                 "--shapes", "3", "--steps", "4", "--scales", "5,1", "--random", "0,0.5", "--band-scales", "1",
+                 "--points", "512", "--results", str(results)]) == 0
+    figures = json.loads(results.read_text())[-1]["figures"]
+    iou = figures["iou_vs_reference"]
+    assert figures["shapes"] == 3 and iou["w 5"] == iou["random 0"] == 1.0
+    assert set(iou) == {"w 5", "w 1", "steps 8", "random 0", "random 0 t<0.4", "random 0.5", "random 0.5 t<0.4"}
+    assert len(figures["band_at_w1"]) == 5
+    assert all(0 <= v <= 1 for v in [*iou.values(), *figures["band_at_w1"], figures["teacher_vs_reconstruction"]])
+
 
 def test_record_names_the_commit_from_fvdm_commit(tmp_path, monkeypatch):
     """A copied tree's git metadata can lag its files: FVDM_COMMIT, when set, is the commit recorded."""
