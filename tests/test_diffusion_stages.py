@@ -328,8 +328,9 @@ def test_consistency_learns_on_a_fixed_batch_and_leaves_the_teacher(synth_data, 
     assert all(torch.equal(v, teacher[k]) for k, v in stage.teacher.state_dict().items())
 
 
-def test_consistency_chain_phase1_and_sampling(synth_data, guidance_ckpt, tmp_path):
-    """consistency (5 phases) -> phase-1 finetune, which keeps the original teacher; 2-step sampling."""
+def test_consistency_chain_phase1_and_sampling(synth_data, flow_run, guidance_ckpt, tmp_path):
+    """consistency (5 phases) -> phase-1 finetune, which keeps the original teacher; 2-step sampling; the few-step
+    table of ``fvdm bench fewstep`` over the chain."""
     run_root = tmp_path / "runs"
     assert main(["train", *args(synth_data, run_root, "consistency", f"init_from={guidance_ckpt}",
                                 "trainer.max_steps=2", "trainer.val_every_n_steps=2", "eval.student_steps=[1,5]",
@@ -352,6 +353,16 @@ def test_consistency_chain_phase1_and_sampling(synth_data, guidance_ckpt, tmp_pa
     Image.fromarray(np.full((48, 48, 3), 255, np.uint8)).save(image)
     assert main(["sample", "--checkpoint", str(phase1), "--image", str(image), "--out", str(out), "--steps", "2",
                  "--resolution", "16", "--device", "cpu"]) == 0
+    from fvdm.bench.fewstep import few_step_table
+
+    root = tmp_path / "quickstart"  # the layout fewstep reads: data/ and runs/flow (the original teacher)
+    (root / "runs").mkdir(parents=True)
+    (root / "data").symlink_to(synth_data)
+    (root / "runs" / "flow").symlink_to(flow_run / "flow")
+    table = few_step_table(root, {"cfd": first, "phase1": phase1}, steps=(1, 50), resolution=16, max_batches=1)
+    assert list(table) == ["teacher", "cfd", "phase1"]
+    assert table["teacher"]["iou_50"] == 1.0  # the teacher at the reference's own 50 steps is the reference
+    assert all(0 <= row[f"iou_{k}"] <= 1 and row[f"chamfer_{k}"] >= 0 for row in table.values() for k in (1, 50))
 
 
 # --------------------------------------------------------------------------------------------------------
