@@ -46,10 +46,10 @@ def perturbed_sample(dit: torch.nn.Module, noise: torch.Tensor, cond: torch.Tens
     x = noise
     for i in range(steps):
         t0, t1 = float(grid[i]), float(grid[i + 1])
-        t = torch.full((x.shape[0],), t0)
+        t = torch.full((x.shape[0],), t0, device=x.device)
         v = guided_velocity(dit, x, t, cond, uncond, guidance(t0)).float()
         if kick > 0 and t0 < kick_until:
-            u = torch.randn(v.shape, generator=generator)
+            u = torch.randn(v.shape, generator=generator).to(v.device)  # drawn on the CPU: the same on any device
             scale = kick * v.flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1)  # [B]
             v = v + scale.view(-1, 1, 1) * u
         x = euler_step(x, v.to(x.dtype), t0, t1)
@@ -84,14 +84,16 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--band-scales", default="1,3", help="guidance on one fifth of the trajectory")
     p.add_argument("--points", type=int, default=8192, help="uniform points per shape for the IoU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available (fp32 throughout)")
     p.add_argument("--results", default="benchmarks/results.json")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    teacher, vae, conditioner = (m.eval() for m in load_diffusion(a.checkpoint))
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher, vae, conditioner = (m.to(device).eval() for m in load_diffusion(a.checkpoint))
     data = DataConfig(train=a.data, val=a.data, val_batch_size=8, num_workers=0, num_surface=vae.cfg.pc_size,
                       num_sharp=vae.cfg.pc_sharpedge_size, num_vol=1, num_near=0, render_index=a.render_index)
     runs = variants(a)
-    ious = {name: OccupancyIoU() for name in ["teacher_vs_reconstruction", *runs]}
+    ious = {name: OccupancyIoU().to(device) for name in ["teacher_vs_reconstruction", *runs]}
     shapes = 0
     with torch.no_grad():
         for i, batch in enumerate(ShapeDataModule(data, images=True).val_dataloader()):
@@ -99,16 +101,16 @@ def main(argv: list[str]) -> dict:
             if b <= 0:
                 break
             g = torch.Generator().manual_seed(a.seed * 100_003 + i)
-            cond = conditioner(batch["image"][:b])
+            cond = conditioner(batch["image"][:b].to(device))
             uncond = conditioner.unconditional(b, cond.device, cond.dtype)
-            noise = torch.randn(b, vae.cfg.num_latents, vae.cfg.embed_dim, generator=g)
-            points = torch.rand(b, a.points, 3, generator=g) * 2 - 1
+            noise = torch.randn(b, vae.cfg.num_latents, vae.cfg.embed_dim, generator=g).to(device)
+            points = (torch.rand(b, a.points, 3, generator=g) * 2 - 1).to(device)
 
             def field(latents: torch.Tensor) -> torch.Tensor:
                 return vae.query(vae.decode(latents / vae.scale_factor), points).float()
 
             reference = field(perturbed_sample(teacher, noise, cond, uncond, a.steps, lambda t: a.guidance))
-            recon = vae.query(vae.decode(vae.encode(batch["surface"][:b], sample_posterior=False)), points)
+            recon = vae.query(vae.decode(vae.encode(batch["surface"][:b].to(device), sample_posterior=False)), points)
             ious["teacher_vs_reconstruction"].update(recon.float(), reference)
             for name, kwargs in runs.items():
                 kwargs = {"steps": a.steps, "guidance": lambda t: a.guidance, **kwargs}
@@ -124,7 +126,7 @@ def main(argv: list[str]) -> dict:
     figures = {"checkpoint": a.checkpoint, "data": a.data, "shapes": shapes, "points": a.points,
                "reference": f"{a.steps} Euler steps, CFG w = {a.guidance:g}",
                "teacher_vs_reconstruction": iou.pop("teacher_vs_reconstruction"), "iou_vs_reference": iou, **bands,
-               "minutes": (time.perf_counter() - t0) / 60}
+               "device_type": device.type, "minutes": (time.perf_counter() - t0) / 60}
     entry = record("guidance_sensitivity", figures, path=a.results)
     print(f"recorded to {a.results}")
     return entry
