@@ -111,7 +111,7 @@ def train_models(a: argparse.Namespace):
     """A ``preset`` VAE (stage vae; skipped when ``--vae`` gives one), then its efficient decoder (stage
     decoder_ft from that checkpoint)."""
     from fvdm.models.vae import vae_preset
-    from fvdm.bench.training import WallClockCosine, fit_capped, time_cap
+    from fvdm.bench.training import fit_capped, time_cap, wall_clock_schedule
     from fvdm.stages.decoder_ft import DecoderFinetune
     from fvdm.stages.vae import VAEStage
 
@@ -133,9 +133,9 @@ def train_models(a: argparse.Namespace):
               "trainer.checkpoint_every_n_steps=1000000", "trainer.log_every_n_steps=50",
               "eval.every_n_steps=1000000", "eval.max_batches=1", "eval.num_mesh_shapes=1", "eval.resolution=64"]
     stages = [("decoder_ft", DecoderFinetune, [f"init_from={init}"], [])]
-    if not a.vae:  # the stage's scheduler flat: WallClockCosine sets warm-up and cosine, ending with the time cap
-        stages.insert(0, ("vae", VAEStage, [f"vae_preset={a.preset}", f"optim.lr={a.lr}", "optim.schedule=constant",
-                                            "optim.warmup_steps=0"], [WallClockCosine(a.train_minutes * 60, a.warmup)]))
+    if not a.vae:
+        schedule, cosine = wall_clock_schedule(a.train_minutes, a.warmup)
+        stages.insert(0, ("vae", VAEStage, [f"vae_preset={a.preset}", f"optim.lr={a.lr}", *schedule], [cosine]))
     for stage, module_cls, extra, callbacks in stages:
         module, trainer = fit_capped(stage, module_cls, [*common, f"name=bench-decode-{stage}", *extra, *a.overrides],
                                      callbacks=callbacks)

@@ -26,8 +26,9 @@ from fvdm.config import DataConfig
 from fvdm.data.datamodule import ShapeDataModule
 from fvdm.flow import euler_step, time_grid
 from fvdm.metrics.reconstruction import OccupancyIoU
-from fvdm.sampler import guided_velocity
+from fvdm.sampler import euler_sample, guided_velocity
 from fvdm.stages.checkpoints import load_diffusion
+from fvdm.stages.diffusion import occupancy_iou
 
 BANDS = 5
 
@@ -105,17 +106,14 @@ def main(argv: list[str]) -> dict:
             uncond = conditioner.unconditional(b, cond.device, cond.dtype)
             noise = torch.randn(b, vae.cfg.num_latents, vae.cfg.embed_dim, generator=g).to(device)
             points = (torch.rand(b, a.points, 3, generator=g) * 2 - 1).to(device)
-
-            def field(latents: torch.Tensor) -> torch.Tensor:
-                return vae.query(vae.decode(latents / vae.scale_factor), points).float()
-
-            reference = field(perturbed_sample(teacher, noise, cond, uncond, a.steps, lambda t: a.guidance))
-            recon = vae.query(vae.decode(vae.encode(batch["surface"][:b].to(device), sample_posterior=False)), points)
-            ious["teacher_vs_reconstruction"].update(recon.float(), reference)
+            reference = euler_sample(teacher, noise, cond, uncond, steps=a.steps, guidance=a.guidance)
+            reference = vae.query(vae.decode(reference / vae.scale_factor), points).float()
+            recon = vae.encode(batch["surface"][:b].to(device), sample_posterior=False) * vae.scale_factor
+            occupancy_iou(vae, recon, points, reference, ious["teacher_vs_reconstruction"])
             for name, kwargs in runs.items():
                 kwargs = {"steps": a.steps, "guidance": lambda t: a.guidance, **kwargs}
                 sample = perturbed_sample(teacher, noise, cond, uncond, generator=g, **kwargs)
-                ious[name].update(field(sample), reference)
+                occupancy_iou(vae, sample, points, reference, ious[name])
             shapes += b
     if not shapes:
         raise SystemExit(f"fvdm bench sensitivity: no shapes in {a.data}")

@@ -49,6 +49,12 @@ class WallClockCosine(Callback):
                 group["lr"] = group.get("initial_lr", group["lr"]) * m
 
 
+def wall_clock_schedule(minutes: float, warmup_steps: int) -> tuple[list[str], WallClockCosine]:
+    """The overrides that flatten a stage's own scheduler, and the ``WallClockCosine`` that then sets warm-up and
+    cosine, ending with a ``minutes`` cap."""
+    return ["optim.schedule=constant", "optim.warmup_steps=0"], WallClockCosine(minutes * 60, warmup_steps)
+
+
 class CurvePrinter(Callback):
     """Prints, every ``every_n_steps``: the step, the seconds since the start of training, the learning rate of the
     last optimizer step (a ``WallClockCosine`` sets it before the step, the stage's scheduler resets it after), the

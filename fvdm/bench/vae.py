@@ -20,7 +20,7 @@ import torch
 
 from fvdm.bench.results import record
 from fvdm.callbacks.reconstruction import evaluate
-from fvdm.bench.training import CurvePrinter, WallClockCosine, fit_capped, time_cap
+from fvdm.bench.training import CurvePrinter, fit_capped, time_cap, wall_clock_schedule
 from fvdm.data.datamodule import ShapeDataModule
 from fvdm.data.sampling import SampleCounts
 from fvdm.data.synth import run_synth
@@ -75,8 +75,9 @@ def main(argv: list[str]) -> dict:
     synth_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    if a.schedule == "time":  # the stage's scheduler stays flat; the callback sets warm-up and cosine
-        schedule, callbacks = ["optim.schedule=constant", "optim.warmup_steps=0"], [WallClockCosine(a.minutes * 60, a.warmup)]
+    if a.schedule == "time":
+        schedule, cosine = wall_clock_schedule(a.minutes, a.warmup)
+        callbacks = [cosine]
     else:
         schedule, callbacks = ["optim.schedule=cosine", f"optim.warmup_steps={a.warmup}"], []
     if a.eval_every:
