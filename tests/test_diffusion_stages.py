@@ -222,6 +222,37 @@ def test_convert_exports_a_diffusion_checkpoint_as_a_bundle(flow_run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
+def test_guidance_ema_is_held_scored_and_handed_on(synth_data, flow_run, tmp_path):
+    """With ema_decay the stage keeps an fp32 EMA of the student outside the module and the optimizer, scores it,
+    and its checkpoint hands the EMA on (load_diffusion) while keeping the raw student for a resumed run."""
+    from fvdm.config import ConfigError
+    from fvdm.stages.base import HELD_STATE_KEY
+    from fvdm.stages.checkpoints import submodule_state
+
+    plain = _stage(synth_data, flow_run, tmp_path, "ema_decay=null")
+    assert plain.ema is None and plain.delivered is plain.dit
+    stage = _stage(synth_data, flow_run, tmp_path, "ema_decay=0.9")
+    assert stage.delivered is stage.ema and "ema" not in dict(stage.named_children())
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in stage.ema.parameters())
+    assert {id(p) for p in stage.ema.parameters()}.isdisjoint(
+        {id(p) for g in stage.configure_optimizers()["optimizer"].param_groups for p in g["params"]})
+    with pytest.raises(ConfigError, match="ema_decay"):
+        _stage(synth_data, flow_run, tmp_path, "ema_decay=1.0")
+
+    ckpt = flow_run / "flow" / "checkpoints" / "last.ckpt"
+    assert main(["train", *args(synth_data, tmp_path, "guidance", f"init_from={ckpt}", "ema_decay=0.9",
+                                "optim.lr=1e-3", "optim.warmup_steps=0", "trainer.max_steps=3",
+                                "trainer.val_every_n_steps=3", "trainer.checkpoint_every_n_steps=3")]) == 0
+    path = tmp_path / "guidance" / "checkpoints" / "last.ckpt"
+    stored = torch.load(path, map_location="cpu", weights_only=False)
+    ema, student = stored[HELD_STATE_KEY]["ema"], submodule_state(stored["state_dict"], "dit")
+    delivered = load_diffusion(path)[0].state_dict()
+    assert delivered.keys() == ema.keys() and all(torch.equal(delivered[k], ema[k]) for k in ema)
+    # the warmed-up decays (1/10, 2/11, 3/12) leave the EMA between the zero-initialised embedding and the student
+    out = "guidance_in.out_layer.weight"
+    assert bool(ema[out].abs().sum() > 0) and not torch.equal(ema[out], student[out].float())
+
+
 # consistency distillation
 # --------------------------------------------------------------------------------------------------------
 

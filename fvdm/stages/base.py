@@ -86,6 +86,19 @@ def gathered(params: list[torch.nn.Parameter]) -> AbstractContextManager:
     return nullcontext()
 
 
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
+    """target <- decay * target + (1 - decay) * source, in the target's fp32 (buffers copied). Under ZeRO-3 each
+    source module's partitioned parameters are gathered (read-only) for its share of the update."""
+    for module_t, module_s in zip(target.modules(), source.modules()):
+        params_s = list(module_s.parameters(recurse=False))
+        with gathered(params_s):
+            for p_t, p_s in zip(module_t.parameters(recurse=False), params_s):
+                p_t.mul_(decay).add_(p_s.detach().float(), alpha=1 - decay)
+    for b_t, b_s in zip(target.buffers(), source.buffers()):
+        b_t.copy_(b_s)
+
+
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, max_steps: int) -> dict[str, Any]:
     """AdamW over ``params`` plus the per-step LR multiplier, in Lightning's optimizer-config form."""
     if cfg.schedule not in ("constant", "cosine"):

@@ -155,7 +155,8 @@ def load_diffusion(path: str | Path):
         raise ConfigError(f"{path}: checkpoint holds no DiT (written by a stage before the diffusion stages?)")
     state = stage_state(ckpt)
     dit = FlowDiT(DiTConfig(**ckpt[DIT_CONFIG_KEY]))
-    dit.load_state_dict(submodule_state(state, "dit"))
+    # a stage that keeps an EMA of its student (guidance with ema_decay) hands on the EMA
+    dit.load_state_dict(submodule_state(state, "ema" if any(k.startswith("ema.") for k in state) else "dit"))
     vae = VecSetVAE(VAEConfig(**ckpt[VAE_CONFIG_KEY]))
     vae.load_state_dict(submodule_state(state, "vae"))
     cond_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ConditionerConfig),

@@ -28,7 +28,7 @@ from fvdm.consistency import PhaseGrid, phased_grid, pseudo_huber
 from fvdm.flow import euler_step, interpolate
 from fvdm.metrics.reconstruction import OccupancyIoU
 from fvdm.sampler import euler_sample, guided_velocity
-from fvdm.stages.base import OptimConfig, freeze, gathered
+from fvdm.stages.base import OptimConfig, ema_update, freeze
 from fvdm.stages.checkpoints import load_diffusion, load_teacher
 from fvdm.stages.diffusion import GenerationEvalConfig, LatentDiffusionStage
 
@@ -114,20 +114,10 @@ class ConsistencyDistillation(LatentDiffusionStage):
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=b)
         return loss
 
-    @torch.no_grad()
     def update_target(self) -> None:
-        """target <- decay * target + (1 - decay) * student, in fp32 (buffers copied). Under ZeRO-3 each
-        student module's partitioned parameters are gathered (read-only) for its share of the update."""
-        if self.target is None:
-            return
-        d = self.cfg.ema_decay
-        for module_t, module_s in zip(self.target.modules(), self.dit.modules()):
-            params_s = list(module_s.parameters(recurse=False))
-            with gathered(params_s):
-                for p_t, p_s in zip(module_t.parameters(recurse=False), params_s):
-                    p_t.mul_(d).add_(p_s.detach().float(), alpha=1 - d)
-        for b_t, b_s in zip(self.target.buffers(), self.dit.buffers()):
-            b_t.copy_(b_s)
+        """target <- decay * target + (1 - decay) * student (``ema_update``)."""
+        if self.target is not None:
+            ema_update(self.target, self.dit, self.cfg.ema_decay)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step the student, then the EMA target: both inside the optimizer step, so that a checkpoint written

@@ -5,7 +5,9 @@ The student starts as a copy of the teacher plus a guidance embedding whose outp
 0 it computes exactly the teacher's conditional velocity for every w (the released models do not say how
 theirs was initialised; this is fvdm's choice, and it means training starts from a working model). Per sample
 w ~ U[guidance_min, guidance_max]; the target v_u + w (v_c - v_u) comes from one doubled teacher batch.
-Teacher, conditioner and VAE are frozen, in eval mode, and outside the optimizer.
+Teacher, conditioner and VAE are frozen, in eval mode, and outside the optimizer. With ``ema_decay`` the stage
+also keeps an fp32 EMA of the student (held, outside the optimizer): evaluation scores it and the checkpoint
+delivers it to the next stage (``load_diffusion``), while a resumed run continues the raw student.
 
 Evaluation reports the student's velocity error against the teacher's guided velocity per timestep band
 (relative L2), and the occupancy IoU between the student's and the teacher's ``eval.steps``-step meshes
@@ -24,8 +26,9 @@ from omegaconf import MISSING
 from fvdm.config import ConfigError, RunConfig
 from fvdm.flow import TimestepSampling, interpolate, sample_timesteps
 from fvdm.metrics.reconstruction import OccupancyIoU
+from fvdm.models.dit import FlowDiT
 from fvdm.sampler import euler_sample, guided_velocity
-from fvdm.stages.base import OptimConfig, freeze
+from fvdm.stages.base import OptimConfig, ema_update, freeze
 from fvdm.stages.checkpoints import load_diffusion
 from fvdm.stages.diffusion import GenerationEvalConfig, LatentDiffusionStage, mean_metrics, occupancy_iou
 
@@ -40,6 +43,9 @@ class GuidanceStageConfig(RunConfig):
     guidance_min: float = 2.0
     guidance_max: float = 8.0
     timesteps: TimestepSampling = field(default_factory=TimestepSampling)
+    # EMA of the student, evaluated and delivered in its place (None: off; the decay warms up, see optimizer_step).
+    # Tiny preset, 400 CPU steps, two seeds: 0.99 lifts the student-vs-teacher IoU from 0.840 / 0.821 to 0.854 / 0.857
+    ema_decay: Optional[float] = None
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, eps=1e-6, weight_decay=0.01))
     eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
@@ -52,6 +58,8 @@ class GuidanceDistillation(LatentDiffusionStage):
     def __init__(self, cfg: GuidanceStageConfig):
         super().__init__(cfg)
         cfg.timesteps.validate()
+        if cfg.ema_decay is not None and not 0 <= cfg.ema_decay < 1:
+            raise ConfigError(f"ema_decay: must be in [0, 1) or null, got {cfg.ema_decay}")
         if not 0 < cfg.guidance_min <= cfg.guidance_max:
             raise ConfigError(f"guidance_min/guidance_max: need 0 < min <= max, got {cfg.guidance_min}, "
                               f"{cfg.guidance_max}")
@@ -63,6 +71,7 @@ class GuidanceDistillation(LatentDiffusionStage):
         student.add_guidance_embedding()
         self.set_models(student, vae, conditioner)
         self.hold("teacher", freeze(teacher))
+        self.hold("ema", freeze(copy.deepcopy(student).float()) if cfg.ema_decay is not None else None)
         self.prepare_dits()
         self.check_latent_cache()
         self.band_error = mean_metrics([f"val/vel_rel_err_t{i}" for i in range(TIME_BANDS)])
@@ -74,6 +83,20 @@ class GuidanceDistillation(LatentDiffusionStage):
         """The teacher's guided velocity v_u + w (v_c - v_u) (one doubled batch)."""
         uncond = self.conditioner.unconditional(cond.shape[0], cond.device, cond.dtype)
         return guided_velocity(self.teacher, x, t, cond, uncond, w)
+
+    @property
+    def delivered(self) -> FlowDiT:
+        """The student this stage evaluates and hands on: its EMA when ``ema_decay`` is set."""
+        return self.ema if self.ema is not None else self.dit
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the student, then its EMA, inside the optimizer step (a checkpoint holds both of one step). The
+        decay warms up as min(ema_decay, (1 + n) / (10 + n)) over the n steps before, so that the EMA of a short
+        run is not held back by the initial, unguided student (0.99 ** 100 = 0.37 of it after 100 steps)."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None:
+            n = self.global_step
+            ema_update(self.ema, self.dit, min(self.cfg.ema_decay, (1 + n) / (10 + n)))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         x1 = self.clean_latents(batch)
@@ -104,10 +127,10 @@ class GuidanceDistillation(LatentDiffusionStage):
                 t = ((band + u) / TIME_BANDS).to(x1.device)
                 x_t = interpolate(x1, noise, t)
                 target = self.teacher_velocity(x_t, t, cond, w).float()
-                err = (self.dit(x_t, t, cond, guidance=w).float() - target).flatten(1).norm(dim=1)
+                err = (self.delivered(x_t, t, cond, guidance=w).float() - target).flatten(1).norm(dim=1)
                 metric = self.band_error[f"val__vel_rel_err_t{band}"]
                 metric.update(err / target.flatten(1).norm(dim=1).clamp(min=1e-12))
-            student = euler_sample(self.dit, noise, cond, None, steps=e.steps, guidance=e.guidance)
+            student = euler_sample(self.delivered, noise, cond, None, steps=e.steps, guidance=e.guidance)
             teacher = euler_sample(self.teacher, noise, cond, uncond, steps=e.steps, guidance=e.guidance)
             if batch_idx == 0 and draw == 0:
                 self.save_samples(student, batch)
