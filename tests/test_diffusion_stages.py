@@ -221,7 +221,6 @@ def test_convert_exports_a_diffusion_checkpoint_as_a_bundle(flow_run, tmp_path):
     assert main(["convert", str(ckpt), str(tmp_path / "x.ckpt"), "--to", "fvdm"]) == 2
 
 
-# --------------------------------------------------------------------------------------------------------
 def test_guidance_ema_is_held_scored_and_handed_on(synth_data, flow_run, tmp_path):
     """With ema_decay the stage keeps an fp32 EMA of the student outside the module and the optimizer, scores it,
     and its checkpoint hands the EMA on (load_diffusion) while keeping the raw student for a resumed run."""
@@ -253,6 +252,7 @@ def test_guidance_ema_is_held_scored_and_handed_on(synth_data, flow_run, tmp_pat
     assert bool(ema[out].abs().sum() > 0) and not torch.equal(ema[out], student[out].float())
 
 
+# --------------------------------------------------------------------------------------------------------
 # consistency distillation
 # --------------------------------------------------------------------------------------------------------
 
